@@ -1,0 +1,30 @@
+"""hh_peft: Householder-SVD adaptation (HTA) as a PEFT method.
+
+``import hh_peft`` registers the method with PEFT (name ``"hta"``, ``peft_type`` ``"HTA"``,
+parameter prefix ``"hta_"``), after which ``peft.get_peft_model``, ``PeftModel.from_pretrained``
+and every other PEFT entry point accept a `HouseholderConfig`.
+"""
+
+from peft.utils import register_peft_method
+
+from .config import HouseholderConfig
+from .functional import delta_weight, householder_apply, householder_coefficient, hta_activation_delta, hta_factors
+from .layer import Conv2d, HouseholderLayer, Linear
+from .model import HouseholderModel
+from .registration import HTA_METHOD_NAME, HTA_PEFT_TYPE
+
+__all__ = [
+    "HTA_PEFT_TYPE",
+    "Conv2d",
+    "HouseholderConfig",
+    "HouseholderLayer",
+    "HouseholderModel",
+    "Linear",
+    "delta_weight",
+    "householder_apply",
+    "householder_coefficient",
+    "hta_activation_delta",
+    "hta_factors",
+]
+
+register_peft_method(name=HTA_METHOD_NAME, config_cls=HouseholderConfig, model_cls=HouseholderModel)

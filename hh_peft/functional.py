@@ -1,0 +1,98 @@
+"""Pure tensor maths of Householder-SVD adaptation (HTA). No module state, no PEFT.
+
+Torch convention: a linear layer's ``weight`` is ``out x in`` and ``y = x W^T + b``. Per layer
+
+    delta_W = H(u_out) D H(u_in) + B A
+    H(u)    = I - c(u) u u^T,   c(u) = 2 / (||u||^2 + eps)   ("normalized", exactly orthogonal)
+                                c(u) = 1                      ("paper", the printed I - v v^T)
+
+``D`` is the ``out x in`` rectangular diagonal of ``m = min(in, out)`` values ``d``. Expanding the
+product, with ``p = D^T u_out`` (in), ``q = D u_in`` (out) and ``s = u_out^T D u_in`` (scalar):
+
+    H(u_out) D H(u_in) = D - c_o u_out p^T - c_i q u_in^T + c_o c_i s u_out u_in^T
+
+so the whole update is "rectangular diagonal + rank (2 + r)":
+
+    delta_W = D + U V^T,   U = [u_out, q, B]                         (out x (2 + r))
+                           V = [c_o (c_i s u_in - p), -c_i u_in, A^T]  (in  x (2 + r))
+
+No ``in x in`` or ``out x out`` matrix is ever built; ``delta_W`` itself costs O(in * out).
+"""
+
+from __future__ import annotations
+
+import torch
+
+HOUSEHOLDER_FORMS = ("normalized", "paper")
+
+
+def householder_coefficient(u: torch.Tensor, form: str = "normalized", eps: float = 1e-12) -> torch.Tensor:
+    """``c(u)`` in ``H(u) = I - c(u) u u^T``: ``2 / (||u||^2 + eps)`` ("normalized") or ``1`` ("paper").
+
+    With ``eps > 0`` a zero vector gives a finite ``c`` and ``H(0) = I``, so neither the value nor its gradient
+    can be NaN or inf.
+    """
+    if form == "normalized":
+        return 2.0 / (u.pow(2).sum() + eps)
+    if form == "paper":
+        return torch.ones((), dtype=u.dtype, device=u.device)
+    raise ValueError(f"unknown Householder form {form!r}; valid: {HOUSEHOLDER_FORMS}")
+
+
+def householder_apply(x: torch.Tensor, u: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+    """``x H(u)`` for row vectors ``x`` (..., n): ``x - c (x . u) u``, O(n) per row. ``H(u)`` is symmetric, so this
+    is also ``H(u) x`` for column vectors."""
+    return x - coefficient * (x @ u).unsqueeze(-1) * u
+
+
+def hta_factors(
+    u_in: torch.Tensor,
+    u_out: torch.Tensor,
+    d: torch.Tensor,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    form: str = "normalized",
+    eps: float = 1e-12,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write ``delta_W = H(u_out) D H(u_in) + B A`` as ``D + U V^T`` (see the module docstring).
+
+    Shapes: ``u_in`` (in,), ``u_out`` (out,), ``d`` (m,) with ``m = min(in, out)``, ``lora_A`` (r, in),
+    ``lora_B`` (out, r). Returns ``(d, U, V)`` with ``U`` (out, 2 + r) and ``V`` (in, 2 + r). Cost O((in + out) r).
+    """
+    m = d.shape[0]
+    c_in = householder_coefficient(u_in, form, eps)
+    c_out = householder_coefficient(u_out, form, eps)
+    p = torch.cat([d * u_out[:m], u_in.new_zeros(u_in.shape[0] - m)])  # D^T u_out: (in,)
+    q = torch.cat([d * u_in[:m], u_out.new_zeros(u_out.shape[0] - m)])  # D u_in:    (out,)
+    s = (d * u_out[:m] * u_in[:m]).sum()  # u_out^T D u_in
+    U = [u_out, q]
+    V = [c_out * (c_in * s * u_in - p), -c_in * u_in]
+    U = torch.stack(U, dim=1)
+    V = torch.stack(V, dim=1)
+    if lora_A is not None and lora_A.shape[0] > 0:
+        U = torch.cat([U, lora_B], dim=1)
+        V = torch.cat([V, lora_A.T], dim=1)
+    return d, U, V
+
+
+def delta_weight(d: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``delta_W = D + U V^T`` as an ``out x in`` matrix, O(in * out)."""
+    delta = U @ V.T
+    m = d.shape[0]
+    # Adding the diagonal out of place keeps autograd simple: diag(d) padded to (out, in).
+    index = torch.arange(m, device=d.device)
+    return delta.index_put((index, index), d, accumulate=True)
+
+
+def hta_activation_delta(x: torch.Tensor, d: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``x delta_W^T`` for row vectors ``x`` (..., in) without building ``delta_W``: (..., out).
+
+    ``x D^T`` puts ``x[..., :m] * d`` in the first ``m`` output features; the rank part is ``(x V) U^T``.
+    """
+    out_features = U.shape[0]
+    m = d.shape[0]
+    result = (x @ V) @ U.T
+    diagonal_part = x[..., :m] * d
+    if m == out_features:
+        return result + diagonal_part
+    return result + torch.nn.functional.pad(diagonal_part, (0, out_features - m))
