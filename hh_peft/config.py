@@ -27,9 +27,9 @@ class HouseholderConfig(PeftConfig):
             ``nn.Linear``, transformers' ``Conv1D`` and ``nn.Conv2d`` are supported.
         exclude_modules: names or a regex of modules never to adapt.
         lora_rank: rank ``r`` of the additive low-rank term ``B A`` (default 1, the paper's HTA; 0 disables it).
-        householder: ``"normalized"`` (default) uses ``H(u) = I - 2 u u^T / (||u||^2 + eps)``, exactly orthogonal
-            for any non-zero ``u``; ``"paper"`` uses the printed ``H(u) = I - u u^T``.
-        eps: the ``eps`` of the normalised form; it keeps a zero vector finite (``H(0) = I``).
+        householder: ``"normalized"`` (default) uses ``H(u) = I - 2 u u^T / ||u||^2``, exactly orthogonal
+            for any ``u``; ``"paper"`` uses the printed ``H(u) = I - u u^T``.
+        eps: in the normalised form, vectors with ``||u||^2 <= eps`` give ``H = I`` (no division by zero, no NaN).
         init_weights: ``True``: the adapter starts as the identity (``D = 0``, ``B = 0``; ``u_in``, ``u_out``, ``A``
             random and non-zero). ``False``: every factor random, so the adapter changes the output (for tests).
         dropout: dropout on the adapter's input (the base path never sees it).
@@ -49,9 +49,9 @@ class HouseholderConfig(PeftConfig):
     lora_rank: int = field(default=1, metadata={"help": "Rank of the additive B A term; 0 disables it."})
     householder: Literal["normalized", "paper"] = field(
         default="normalized",
-        metadata={"help": "'normalized': I - 2uu^T/(||u||^2+eps), exactly orthogonal; 'paper': I - uu^T as printed."},
+        metadata={"help": "'normalized': I - 2uu^T/||u||^2, exactly orthogonal; 'paper': I - uu^T as printed."},
     )
-    eps: float = field(default=1e-12, metadata={"help": "Added to ||u||^2 in the normalised Householder form."})
+    eps: float = field(default=1e-12, metadata={"help": "Normalised form: a vector with ||u||^2 <= eps gives H = I (no NaN)."})
     init_weights: bool = field(
         default=True, metadata={"help": "True: the adapter starts as the identity; False: random (for tests)."}
     )

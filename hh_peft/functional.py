@@ -3,8 +3,8 @@
 Torch convention: a linear layer's ``weight`` is ``out x in`` and ``y = x W^T + b``. Per layer
 
     delta_W = H(u_out) D H(u_in) + B A
-    H(u)    = I - c(u) u u^T,   c(u) = 2 / (||u||^2 + eps)   ("normalized", exactly orthogonal)
-                                c(u) = 1                      ("paper", the printed I - v v^T)
+    H(u)    = I - c(u) u u^T,   c(u) = 2 / ||u||^2 if ||u||^2 > eps else 0   ("normalized": orthogonal for every u)
+                                c(u) = 1                                       ("paper": the printed I - v v^T)
 
 ``D`` is the ``out x in`` rectangular diagonal of ``m = min(in, out)`` values ``d``. Expanding the
 product, with ``p = D^T u_out`` (in), ``q = D u_in`` (out) and ``s = u_out^T D u_in`` (scalar):
@@ -27,13 +27,18 @@ HOUSEHOLDER_FORMS = ("normalized", "paper")
 
 
 def householder_coefficient(u: torch.Tensor, form: str = "normalized", eps: float = 1e-12) -> torch.Tensor:
-    """``c(u)`` in ``H(u) = I - c(u) u u^T``: ``2 / (||u||^2 + eps)`` ("normalized") or ``1`` ("paper").
+    """``c(u)`` in ``H(u) = I - c(u) u u^T``.
 
-    With ``eps > 0`` a zero vector gives a finite ``c`` and ``H(0) = I``, so neither the value nor its gradient
-    can be NaN or inf.
+    ``"normalized"``: ``c = 2 / ||u||^2``, which makes ``H(u)`` an exact reflection (orthogonal, symmetric,
+    involutory) for every non-zero ``u``; vectors with ``||u||^2 <= eps`` (a zero vector, or one whose square norm
+    underflows) give ``c = 0``, i.e. ``H = I``, which is orthogonal too. The division only ever sees
+    ``||u||^2 > eps`` (the "double where"), so neither the value nor its gradient can be NaN or inf.
+    ``"paper"``: ``c = 1``, the printed ``I - v v^T`` (orthogonal only when ``||v||^2 = 2``).
     """
     if form == "normalized":
-        return 2.0 / (u.pow(2).sum() + eps)
+        square_norm = u.pow(2).sum()
+        usable = square_norm > eps
+        return torch.where(usable, 2.0 / torch.where(usable, square_norm, torch.ones_like(square_norm)), 0.0)
     if form == "paper":
         return torch.ones((), dtype=u.dtype, device=u.device)
     raise ValueError(f"unknown Householder form {form!r}; valid: {HOUSEHOLDER_FORMS}")

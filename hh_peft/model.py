@@ -54,7 +54,36 @@ class HouseholderModel(BaseTuner):
         """
         if state_dict is None:
             self._validate_targets(model, self.peft_config[adapter_name])
+        # Remembered so that a load that fails after injection can restore the model (see `_undo_injection`).
+        self._requires_grad_before_injection = [(p, p.requires_grad) for p in model.parameters()]
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's key remapping, then a shape check of every entry against the model before anything is copied.
+
+        An adapter saved for a different base model (other layer widths, another number of classes in a saved head)
+        raises a ValueError that names the first mismatching layer; the freshly injected adapter is removed again
+        first, so the model is left as it was.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = model.state_dict()
+        prefix = "base_model.model."
+        strip = not any(k.startswith(prefix) for k in own)
+        mismatches = []
+        for key, value in remapped.items():
+            model_key = key.removeprefix(prefix) if strip else key
+            if model_key in own and own[model_key].shape != value.shape:
+                mismatches.append((model_key, tuple(value.shape), tuple(own[model_key].shape)))
+        if mismatches:
+            key, saved, here = mismatches[0]
+            _undo_injection(model, adapter_name)
+            raise ValueError(
+                f"The HTA adapter {adapter_name!r} was saved for a different base model: {key} has shape {saved} in "
+                f"the checkpoint but {here} in this model ({len(mismatches)} mismatching tensor(s) in all). Load it "
+                "onto the base model it was trained on. The model was left unchanged."
+            )
+        return remapped
 
     def _validate_targets(self, model: nn.Module, config: HouseholderConfig) -> None:
         if config.target_modules is None:
@@ -70,7 +99,7 @@ class HouseholderModel(BaseTuner):
             return
         matched = []
         for name, module in model.named_modules():
-            if not name or isinstance(module, BaseTunerLayer) or _inside_tuner_layer(model, name):
+            if not name or _inside_tuner_layer(model, name):
                 continue
             result = self._check_target_module_exists(config, name)
             if result and not isinstance(result, _ExcludedModule):
@@ -144,6 +173,21 @@ class HouseholderModel(BaseTuner):
                 handle.remove()
 
 
+def _undo_injection(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` again after a failed load: delete it if other adapters remain, else unload every HTA
+    layer (restoring the original modules) and the base parameters' ``requires_grad`` flags."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, HouseholderModel):
+        return
+    if any(name != adapter_name for name in tuner.peft_config):
+        model.delete_adapter(adapter_name)
+        return
+    restore = getattr(tuner, "_requires_grad_before_injection", [])
+    tuner.unload()
+    for parameter, requires_grad in restore:
+        parameter.requires_grad_(requires_grad)
+
+
 def _inside_tuner_layer(model: nn.Module, name: str) -> bool:
     """True for the internals of an existing tuner layer (``...qkv.base_layer``, ``...qkv.hta_dropout.x``)."""
     parts = name.split(".")
@@ -163,7 +207,11 @@ def _describe(target_modules) -> str:
 
 def _example_targets(model: nn.Module, limit: int = 8) -> str:
     """A few real names of adaptable layers of ``model``, for error messages."""
-    names = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, Conv1D, nn.Conv2d))]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if n and isinstance(m, (nn.Linear, Conv1D, nn.Conv2d, BaseTunerLayer)) and not _inside_tuner_layer(model, n)
+    ]
     if not names:
         return "(none: the model has no nn.Linear, Conv1D or nn.Conv2d layer)"
     shown = names[:limit]

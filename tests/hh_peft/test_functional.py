@@ -1,0 +1,81 @@
+"""HTA maths against dense references that build the Householder matrices explicitly (float64, 1e-10)."""
+
+import pytest
+import torch
+
+from hh_peft.functional import delta_weight, householder_apply, householder_coefficient, hta_activation_delta, hta_factors
+
+
+def dense_householder(u, form, eps=1e-12):
+    eye = torch.eye(u.numel(), dtype=u.dtype)
+    if form == "normalized":
+        return eye - 2.0 * torch.outer(u, u) / (u @ u + eps)
+    return eye - torch.outer(u, u)
+
+
+def dense_delta(u_in, u_out, d, A, B, form):
+    out_features, in_features = u_out.numel(), u_in.numel()
+    D = torch.zeros(out_features, in_features, dtype=d.dtype)
+    D[range(d.numel()), range(d.numel())] = d
+    delta = dense_householder(u_out, form) @ D @ dense_householder(u_in, form)
+    if A is not None:
+        delta = delta + B @ A
+    return delta
+
+
+SHAPES = [(16, 16), (12, 30), (30, 12), (1, 5)]  # (in, out): square, fused-qkv-like, fc2-like, degenerate
+
+
+@pytest.mark.parametrize("in_features, out_features", SHAPES)
+@pytest.mark.parametrize("form", ["normalized", "paper"])
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_delta_weight_and_activation_path_equal_dense_reference(in_features, out_features, form, rank):
+    g = torch.Generator().manual_seed(in_features * 100 + out_features + rank)
+    kw = dict(dtype=torch.float64, generator=g)
+    m = min(in_features, out_features)
+    u_in, u_out, d = torch.randn(in_features, **kw), torch.randn(out_features, **kw), torch.randn(m, **kw)
+    A = torch.randn(rank, in_features, **kw) if rank else None
+    B = torch.randn(out_features, rank, **kw) if rank else None
+    reference = dense_delta(u_in, u_out, d, A, B, form)
+
+    factors = hta_factors(u_in, u_out, d, A, B, form=form)
+    assert factors[1].shape == (out_features, 2 + rank) and factors[2].shape == (in_features, 2 + rank)
+    torch.testing.assert_close(delta_weight(*factors), reference, rtol=1e-10, atol=1e-10)
+
+    x = torch.randn(7, 3, in_features, **kw)
+    torch.testing.assert_close(hta_activation_delta(x, *factors), x @ reference.T, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("n", [1, 2, 64, 768])
+def test_normalized_householder_is_orthogonal_for_any_nonzero_vector(dtype, tol, n):
+    for scale in (1e-30, 1e-6, 1.0, 1e4):  # 1e-30: the square norm underflows (float32) or is below eps
+        u = torch.randn(n, dtype=torch.float64).to(dtype) * scale
+        c = householder_coefficient(u, "normalized")
+        # Build H by applying it to the identity's rows: H is never materialised in the library itself.
+        H = householder_apply(torch.eye(n, dtype=dtype), u, c)
+        torch.testing.assert_close(H @ H.T, torch.eye(n, dtype=dtype), rtol=0, atol=tol * max(1, n**0.5))
+        torch.testing.assert_close(H, H.T, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("form", ["normalized", "paper"])
+def test_zero_householder_vector_gives_finite_values_and_gradients(form):
+    u_in = torch.zeros(8, requires_grad=True)
+    u_out = torch.zeros(6, requires_grad=True)
+    d = torch.randn(6, requires_grad=True)
+    A, B = torch.zeros(1, 8, requires_grad=True), torch.zeros(6, 1, requires_grad=True)
+    x = torch.randn(4, 8)
+    factors = hta_factors(u_in, u_out, d, A, B, form=form)
+    out = hta_activation_delta(x, *factors).sum() + delta_weight(*factors).sum()
+    out.backward()
+    for t in (out, u_in.grad, u_out.grad, d.grad, A.grad, B.grad):
+        assert torch.isfinite(t).all()
+    # H(0) = I, so the update is exactly the rectangular diagonal
+    expected = torch.zeros(6, 8)
+    expected[range(6), range(6)] = d.detach()
+    torch.testing.assert_close(delta_weight(*factors).detach(), expected)
+
+
+def test_unknown_householder_form_is_rejected():
+    with pytest.raises(ValueError, match="'householder-x'.*normalized"):
+        householder_coefficient(torch.ones(3), "householder-x")
