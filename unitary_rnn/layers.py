@@ -1,0 +1,136 @@
+"""Square linear layers whose weight lives on U(N) (:class:`UnitaryLinear`) or O(N) (:class:`OrthogonalLinear`).
+
+Drop-in replacements for a square ``nn.Linear`` (``y = x W^T + b``) in any network, e.g. the deep feed-forward
+networks of the projUNN paper. The weight is a plain parameter tagged with :func:`~unitary_rnn.manifold.mark_manifold`;
+it stays on the manifold only if it is trained by a manifold-aware optimizer (``unitary_rnn.optim.UnitaryOptimizer``
+with the Cayley, projUNN-D or projUNN-T step, or the functions of :mod:`unitary_rnn.projunn` directly). A plain
+``torch.optim`` optimizer would move it off the manifold.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .manifold import mark_manifold
+
+INITS = ("haar", "identity")
+
+
+def haar_orthogonal_(W: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill the square ``W`` in place with a Haar-random unitary (complex) or orthogonal (real) matrix.
+
+    ``Z = Q R`` for a Gaussian Z; ``Q diag(R_ii / |R_ii|)`` is Haar distributed (Mezzadri 2007), the phase fix
+    removing the bias of the QR convention. Returns W.
+    """
+    n = W.shape[0]
+    with torch.no_grad():
+        Z = torch.randn(n, n, dtype=W.dtype, device=W.device, generator=generator)
+        Q, R = torch.linalg.qr(Z)
+        d = torch.diagonal(R)
+        phase = torch.where(d == 0, torch.ones_like(d), d / d.abs())  # n, unit modulus
+        W.copy_(Q * phase)
+    return W
+
+
+class _ManifoldLinear(nn.Module):
+    """Shared body of the two layers: a square weight on the manifold, an optional bias, ``F.linear``."""
+
+    manifold: str = ""
+
+    def __init__(
+        self,
+        features: int,
+        bias: bool = True,
+        init: str = "haar",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ValueError(f"features must be a positive integer, got {features!r}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; valid: {INITS}")
+        dtype = self._resolve_dtype(dtype)
+        self.in_features = self.out_features = features
+        self.init = init
+        self.weight = mark_manifold(nn.Parameter(torch.empty(features, features, device=device, dtype=dtype)), self.manifold)
+        self.bias = nn.Parameter(torch.empty(features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def _resolve_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Weight: Haar-random (``init="haar"``) or the identity (``init="identity"``); bias: zero."""
+        with torch.no_grad():
+            if self.init == "identity":
+                self.weight.copy_(torch.eye(self.in_features, dtype=self.weight.dtype, device=self.weight.device))
+            else:
+                haar_orthogonal_(self.weight)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return f"features={self.in_features}, bias={self.bias is not None}, dtype={self.weight.dtype}"
+
+
+class UnitaryLinear(_ManifoldLinear):
+    """``y = x W^T + b`` with ``W`` in U(N) (complex), ``b`` complex (optional).
+
+    Args:
+        features: N, the input and output width.
+        bias: add a learned complex bias (zero at init).
+        init: ``"haar"`` (Haar-random unitary) or ``"identity"``.
+        dtype: a complex dtype (default ``torch.complex64``).
+
+    Input: ``(..., N)`` complex; a real input is promoted to the weight's complex dtype. Without bias, the layer
+    preserves the Euclidean norm of every input row exactly (up to rounding).
+    """
+
+    manifold = "unitary"
+
+    def _resolve_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        dtype = torch.complex64 if dtype is None else dtype
+        if not dtype.is_complex:
+            raise TypeError(f"UnitaryLinear needs a complex dtype (torch.complex64, torch.complex128), got {dtype}")
+        return dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"UnitaryLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        if not x.is_complex():
+            x = x.to(self.weight.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
+class OrthogonalLinear(_ManifoldLinear):
+    """``y = x W^T + b`` with ``W`` in O(N) (real), ``b`` real (optional).
+
+    Args:
+        features: N, the input and output width.
+        bias: add a learned bias (zero at init).
+        init: ``"haar"`` (Haar-random orthogonal) or ``"identity"``.
+        dtype: a real floating dtype (default: torch's default dtype).
+
+    Input: ``(..., N)`` real. Without bias, the layer preserves the Euclidean norm of every input row.
+    """
+
+    manifold = "orthogonal"
+
+    def _resolve_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"OrthogonalLinear needs a real floating dtype (e.g. torch.float32), got {dtype}")
+        return dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"OrthogonalLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        if x.is_complex():
+            raise TypeError("OrthogonalLinear takes a real input; use UnitaryLinear for complex inputs")
+        return F.linear(x, self.weight, self.bias)
+
+
+__all__ = ["INITS", "OrthogonalLinear", "UnitaryLinear", "haar_orthogonal_"]
