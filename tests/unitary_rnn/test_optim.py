@@ -461,3 +461,73 @@ def test_projunn_optimizer_descends(method):
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
     assert unitarity_error(model.W.detach()) < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------------
+# DDP (gloo, two real processes): complex gradients are averaged correctly, replicas stay identical
+# ----------------------------------------------------------------------------------------------------
+
+_DDP_SCRIPT = r'''
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from safetensors.torch import save_file
+from unitary_rnn.manifold import mark_manifold
+from unitary_rnn.optim import create_optimizer
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+g = torch.Generator().manual_seed(0)
+Q, _ = torch.linalg.qr(torch.complex(torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)))
+model = nn.Module()
+model.W = mark_manifold(nn.Parameter(Q.clone()))
+x = torch.complex(torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64))
+y = x.flip(0)
+class Wrap(nn.Module):
+    def __init__(self, m): super().__init__(); self.m = m
+    def forward(self, x): return x @ self.m.W.T
+ddp = nn.parallel.DistributedDataParallel(Wrap(model))
+opt = create_optimizer(model, unitary_lr=0.05)
+shard = slice(4 * rank, 4 * rank + 4)
+for _ in range(20):
+    opt.zero_grad()
+    (ddp(x[shard]) - y[shard]).abs().pow(2).mean().backward()
+    opt.step()
+save_file({"W": torch.view_as_real(model.W.detach()).contiguous()}, os.path.join(sys.argv[1], f"rank{rank}.safetensors"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_ddp_gloo_complex_gradients(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python executable")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    W0 = torch.view_as_complex(load_file(tmp_path / "rank0.safetensors")["W"])
+    W1 = torch.view_as_complex(load_file(tmp_path / "rank1.safetensors")["W"])
+    torch.testing.assert_close(W0, W1, rtol=0, atol=0)
+    # the same 20 steps in one process on the whole batch (the mean of the two shard means)
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.complex(torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)))
+    W = mark_manifold(nn.Parameter(Q.clone()))
+    x = torch.complex(torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64))
+    y = x.flip(0)
+    opt = UnitaryOptimizer([W], unitary_lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        (x @ W.T - y).abs().pow(2).mean().backward()
+        opt.step()
+    torch.testing.assert_close(W0, W.detach(), rtol=0, atol=1e-12)
+    assert unitarity_error(W0) < 1e-10
