@@ -46,7 +46,7 @@ def load_accuracy():
     try:
         import evaluate
 
-        return evaluate.load(str(ACCURACY_PATH))
+        return evaluate.load(str(ACCURACY_PATH), keep_in_memory=True)  # no cache files shared by processes
     except Exception as err:  # evaluate missing or unable to load a local module: same metric, computed here
         logger.warning("evaluate could not load %s (%s); computing accuracy directly", ACCURACY_PATH, err)
         return SimpleAccuracy()

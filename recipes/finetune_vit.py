@@ -1,0 +1,356 @@
+#!/usr/bin/env python
+"""Fine-tune an image classifier with HTA, LoRA, HRA, full fine-tuning or a linear probe.
+
+Runs on one CPU, several CPU processes, one or many GPUs: everything (device placement, DDP,
+gradient synchronisation, mixed precision, checkpoints) goes through ``accelerate``.
+
+    python recipes/finetune_vit.py --model vit_tiny_patch16_224 --dataset mnist_5k --method hta
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/finetune_vit.py ...
+    ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 recipes/finetune_vit.py ...
+
+Writes into ``--output_dir`` (main process only): the adapter (or the whole model for ``full`` /
+``linear``), ``metrics.json`` (accuracy, trainable parameters, time, the per-step history),
+``training_curves.png``, and ``checkpoints/step_N`` (``accelerator.save_state``) every
+``--checkpointing_steps``; ``--resume_from_checkpoint`` (a folder or ``latest``) continues from one
+without losing or repeating a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `recipes` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from recipes.common import RecipeError
+from recipes.common.data import BUILTIN_DATASETS, ImageCollator, load_image_dataset, loader_view
+from recipes.common.metrics import load_accuracy
+from recipes.common.models import (
+    METHODS,
+    PEFT_METHODS,
+    PRESET_NAMES,
+    MethodOptions,
+    apply_method,
+    check_image_size,
+    count_parameters,
+    dry_run,
+    load_image_classifier,
+    save_model,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="vit_tiny_patch16_224", help="timm name, Hub id, or local model folder")
+    g.add_argument("--model_kwargs", default=None, help="JSON dict of timm constructor overrides, e.g. a small ViT")
+    g.add_argument("--random_init", action="store_true", help="timm name: do not download pretrained weights")
+    g.add_argument("--dataset", default="mnist_5k", help=f"built-in ({', '.join(BUILTIN_DATASETS)}), Hub name, or imagefolder dir")
+    g.add_argument("--dataset_config", default=None, help="configuration name of a Hub dataset")
+    g.add_argument("--image_column", default=None)
+    g.add_argument("--label_column", default=None)
+    g.add_argument("--image_size", type=int, default=None, help="input size (default: the model's own)")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--max_eval_samples", type=int, default=None)
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="hta", help=f"one of {', '.join(METHODS)}")
+    g.add_argument("--target_preset", default="attn_mlp", help=f"one of {', '.join(PRESET_NAMES)}")
+    g.add_argument("--target_modules", default=None, help="comma-separated module names (overrides the preset)")
+    g.add_argument("--hta_rank", type=int, default=1, help="HTA: rank of the additive low-rank term (0: pure Householder)")
+    g.add_argument("--householder", default="normalized", help="HTA: 'normalized' (orthogonal) or 'paper' (I - vv^T)")
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=float, default=None, help="default: lora_r")
+    g.add_argument("--hra_r", type=int, default=8)
+    g.add_argument("--adapter_dropout", type=float, default=0.0)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=10)
+    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --epochs")
+    g.add_argument("--batch_size", type=int, default=64, help="per process")
+    g.add_argument("--eval_batch_size", type=int, default=256)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--warmup_ratio", type=float, default=0.1, help="fraction of the steps spent warming up")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--eval_every", type=int, default=None, help="validate every N steps (default: once per epoch)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads per process (CPU)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default="outputs/finetune_vit")
+    g.add_argument("--checkpointing_steps", type=int, default=None, help="save the training state every N steps")
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoints/step_N folder, or 'latest'")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_private", action="store_true")
+    g.add_argument("--no_plot", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+class TrainState:
+    """Step counter and history, saved in every checkpoint (``accelerator.register_for_checkpointing``)."""
+
+    def __init__(self):
+        self.step = 0
+        self.history: dict[str, list] = {"step": [], "loss": [], "lr": [], "eval_step": [], "val_accuracy": []}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "history": json.dumps(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.history = json.loads(state["history"])
+
+
+def evaluate_accuracy(accelerator, loaded, model, loader, metric) -> float:
+    """Accuracy over the whole split, gathered across processes (duplicates of the last batch dropped)."""
+    model.eval()
+    with torch.no_grad():
+        for pixels, labels in loader:
+            logits = loaded.forward_logits(model, pixels)
+            preds, refs = accelerator.gather_for_metrics((logits.argmax(-1), labels))
+            metric.add_batch(predictions=preds.cpu().numpy(), references=refs.cpu().numpy())
+    model.train()
+    return float(metric.compute()["accuracy"])
+
+
+def replica_max_abs_diff(accelerator, model) -> float:
+    """max |theta_rank - theta_0| over the trainable parameters and all processes (0.0 when all agree)."""
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters() if p.requires_grad])
+    gathered = accelerator.gather(flat[None])  # [num_processes, P]
+    return float((gathered - gathered[:1]).abs().max())
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def plot_curves(history: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot(history["step"], history["loss"], lw=0.8)
+    ax[0].set(xlabel="step", ylabel="training loss", yscale="log", title=title)
+    ax[1].plot(history["eval_step"], history["val_accuracy"], marker="o")
+    ax[1].set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train, evaluate and save as ``args`` says; returns the metrics dict (on every process)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    if args.method not in METHODS:
+        raise RecipeError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    set_seed(args.seed)
+
+    # ---- everything that can be wrong with the input fails here, before training ----
+    dsd = load_image_dataset(
+        args.dataset, config=args.dataset_config, image_column=args.image_column, label_column=args.label_column,
+        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
+    )
+    label_names = dsd["train"].features["label"].names
+    num_labels = len(label_names)
+    try:
+        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"--model_kwargs is not a JSON object: {err}") from err
+    loaded = load_image_classifier(
+        args.model, num_labels, random_init=args.random_init, model_kwargs=model_kwargs, image_size=args.image_size
+    )
+    spec = check_image_size(loaded, args.image_size)
+    dry_run(loaded, spec, num_labels)
+    opts = MethodOptions(
+        method=args.method, target_preset=args.target_preset, target_modules=args.target_modules,
+        hta_rank=args.hta_rank, householder=args.householder, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        hra_r=args.hra_r, adapter_dropout=args.adapter_dropout,
+    )
+    try:
+        model = apply_method(loaded, opts)
+    except (ValueError, TypeError) as err:  # PEFT / hh_peft config validation
+        if isinstance(err, RecipeError):
+            raise
+        raise RecipeError(f"--method {args.method}: {str(err).strip().splitlines()[0]}") from err
+    trainable, total = count_parameters(model)
+
+    collate = ImageCollator(spec)
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = torch.utils.data.DataLoader(
+        loader_view(dsd["train"]), batch_size=args.batch_size, shuffle=True, drop_last=True,
+        collate_fn=collate, num_workers=args.num_workers, generator=generator,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        loader_view(dsd["validation"]), batch_size=args.eval_batch_size, collate_fn=collate, num_workers=args.num_workers
+    )
+    test_loader = torch.utils.data.DataLoader(
+        loader_view(dsd["test"]), batch_size=args.eval_batch_size, collate_fn=collate, num_workers=args.num_workers
+    )
+    if len(train_loader) == 0:
+        raise RecipeError(f"the training split has {len(dsd['train'])} images, fewer than one batch of {args.batch_size}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    train_loader, val_loader, test_loader = accelerator.prepare(train_loader, val_loader, test_loader)
+
+    # A step is one optimizer update; len(train_loader) is now per process.
+    updates_per_epoch = max(1, len(train_loader) // args.gradient_accumulation_steps)
+    total_steps = args.max_train_steps or max(1, int(round(args.epochs * updates_per_epoch)))
+    # accelerate's prepared scheduler advances num_processes times per update: size it accordingly.
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    with accelerator.main_process_first():  # the metric module is compiled into a shared cache once
+        metric = load_accuracy()
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    if args.resume_from_checkpoint:
+        ckpt = _latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
+        if ckpt is None or not ckpt.is_dir():
+            raise RecipeError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder")
+        accelerator.load_state(str(ckpt))
+        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_steps, initial=state.step, disable=args.quiet or not accelerator.is_local_main_process,
+                    desc=f"{args.method}", dynamic_ncols=True)
+    eval_every = args.eval_every or updates_per_epoch
+    model.train()
+    t0 = time.perf_counter()
+    while state.step < total_steps:
+        epoch, done_in_epoch = divmod(state.step, updates_per_epoch)
+        train_loader.set_epoch(epoch)
+        loader = train_loader
+        if done_in_epoch:
+            loader = accelerator.skip_first_batches(train_loader, done_in_epoch * args.gradient_accumulation_steps)
+        for pixels, labels in loader:
+            with accelerator.accumulate(model):
+                loss = F.cross_entropy(loaded.forward_logits(model, pixels), labels)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            progress.update(1)
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            state.history["step"].append(state.step)
+            state.history["loss"].append(mean_loss)
+            state.history["lr"].append(scheduler.get_last_lr()[0])
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            if state.step % eval_every == 0 or state.step == total_steps:
+                acc = evaluate_accuracy(accelerator, loaded, model, val_loader, metric)
+                state.history["eval_step"].append(state.step)
+                state.history["val_accuracy"].append(acc)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", val_acc=f"{acc:.4f}")
+            if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+                accelerator.save_state(str(output_dir / "checkpoints" / f"step_{state.step}"))
+            if state.step >= total_steps or (updates_per_epoch and state.step % updates_per_epoch == 0):
+                break
+    progress.close()
+    train_time = time.perf_counter() - t0
+    test_acc = evaluate_accuracy(accelerator, loaded, model, test_loader, metric)
+    replica_diff = replica_max_abs_diff(accelerator, model)
+
+    unwrapped = accelerator.unwrap_model(model)
+    metrics = {
+        "method": args.method,
+        "method_options": asdict(opts),
+        "model": args.model,
+        "dataset": args.dataset,
+        "num_labels": num_labels,
+        "image_size": [spec.channels, spec.height, spec.width],
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": state.step,
+        "train_time_s": train_time,
+        "val_accuracy": state.history["val_accuracy"][-1] if state.history["val_accuracy"] else None,
+        "test_accuracy": test_acc,
+        "distributed": {
+            "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "model_wrapper": type(model).__name__,
+            "replica_max_abs_diff": replica_diff,
+        },
+        "history": state.history,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_model(loaded, unwrapped, output_dir, args.method)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if not args.no_plot:
+            plot_curves(state.history, output_dir / "training_curves.png", f"{args.method} on {args.dataset}")
+        if args.push_to_hub:
+            push(args, loaded, unwrapped, metrics, output_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def push(args, loaded, model, metrics: dict, output_dir: Path) -> str:
+    """Upload the result to ``--hub_model_id``: an HTA adapter with its HTA card, other methods as PEFT/timm/transformers do."""
+    repo_id = args.hub_model_id or output_dir.name
+    results = {"accuracy": metrics["test_accuracy"]}
+    if args.method == "hta":
+        from hh_peft.hub import build_adapter_card
+
+        model.push_to_hub(repo_id, private=args.hub_private)  # card replaced by ours (hh_peft.hub)
+        card = build_adapter_card(
+            base_model=loaded.base_model, dataset=args.dataset, metrics=results,
+            config=model.peft_config["default"], trainable_params=metrics["trainable_params"],
+        )
+        card.push_to_hub(repo_id)
+    elif args.method in PEFT_METHODS or loaded.family == "transformers":
+        model.push_to_hub(repo_id, private=args.hub_private)
+    else:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True, private=args.hub_private)
+        api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoints/*"])
+    return repo_id
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
