@@ -14,24 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .manifold import mark_manifold
+from .parametrizations import random_unitary
 
 INITS = ("haar", "identity")
-
-
-def haar_orthogonal_(W: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Fill the square ``W`` in place with a Haar-random unitary (complex) or orthogonal (real) matrix.
-
-    ``Z = Q R`` for a Gaussian Z; ``Q diag(R_ii / |R_ii|)`` is Haar distributed (Mezzadri 2007), the phase fix
-    removing the bias of the QR convention. Returns W.
-    """
-    n = W.shape[0]
-    with torch.no_grad():
-        Z = torch.randn(n, n, dtype=W.dtype, device=W.device, generator=generator)
-        Q, R = torch.linalg.qr(Z)
-        d = torch.diagonal(R)
-        phase = torch.where(d == 0, torch.ones_like(d), d / d.abs())  # n, unit modulus
-        W.copy_(Q * phase)
-    return W
 
 
 class _ManifoldLinear(nn.Module):
@@ -46,6 +31,7 @@ class _ManifoldLinear(nn.Module):
         init: str = "haar",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
@@ -57,18 +43,20 @@ class _ManifoldLinear(nn.Module):
         self.init = init
         self.weight = mark_manifold(nn.Parameter(torch.empty(features, features, device=device, dtype=dtype)), self.manifold)
         self.bias = nn.Parameter(torch.empty(features, device=device, dtype=dtype)) if bias else None
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
     def _resolve_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         raise NotImplementedError
 
-    def reset_parameters(self) -> None:
-        """Weight: Haar-random (``init="haar"``) or the identity (``init="identity"``); bias: zero."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Weight: Haar-random (``init="haar"``, drawn with ``generator``) or the identity (``init="identity"``);
+        bias: zero."""
+        W = self.weight
         with torch.no_grad():
             if self.init == "identity":
-                self.weight.copy_(torch.eye(self.in_features, dtype=self.weight.dtype, device=self.weight.device))
+                W.copy_(torch.eye(self.in_features, dtype=W.dtype, device=W.device))
             else:
-                haar_orthogonal_(self.weight)
+                W.copy_(random_unitary(self.in_features, generator=generator, dtype=W.dtype, device=W.device))
             if self.bias is not None:
                 self.bias.zero_()
 
@@ -84,6 +72,7 @@ class UnitaryLinear(_ManifoldLinear):
         bias: add a learned complex bias (zero at init).
         init: ``"haar"`` (Haar-random unitary) or ``"identity"``.
         dtype: a complex dtype (default ``torch.complex64``).
+        generator: seeds the Haar-random init.
 
     Input: ``(..., N)`` complex; a real input is promoted to the weight's complex dtype. Without bias, the layer
     preserves the Euclidean norm of every input row exactly (up to rounding).
@@ -113,6 +102,7 @@ class OrthogonalLinear(_ManifoldLinear):
         bias: add a learned bias (zero at init).
         init: ``"haar"`` (Haar-random orthogonal) or ``"identity"``.
         dtype: a real floating dtype (default: torch's default dtype).
+        generator: seeds the Haar-random init.
 
     Input: ``(..., N)`` real. Without bias, the layer preserves the Euclidean norm of every input row.
     """
@@ -133,4 +123,4 @@ class OrthogonalLinear(_ManifoldLinear):
         return F.linear(x, self.weight, self.bias)
 
 
-__all__ = ["INITS", "OrthogonalLinear", "UnitaryLinear", "haar_orthogonal_"]
+__all__ = ["INITS", "OrthogonalLinear", "UnitaryLinear"]
