@@ -79,7 +79,8 @@ class HouseholderModel(BaseTuner):
             key, saved, here = mismatches[0]
             _undo_injection(model, adapter_name)
             raise ValueError(
-                f"The HTA adapter {adapter_name!r} was saved for a different base model: {key} has shape {saved} in "
+                f"The HTA adapter {adapter_name!r} was saved for a different base model: "
+                f"{key.removeprefix(prefix)} has shape {saved} in "
                 f"the checkpoint but {here} in this model ({len(mismatches)} mismatching tensor(s) in all). Load it "
                 "onto the base model it was trained on. The model was left unchanged."
             )

@@ -1,0 +1,202 @@
+"""HouseholderModel on real architectures: identity at init, parameter counts, save/load, bad input."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import ViTConfig, ViTForImageClassification
+
+import hh_peft
+from hh_peft import HouseholderConfig
+
+TIMM_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def tiny_hf_vit(**kwargs):
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=96, num_labels=5, **kwargs)
+    return ViTForImageClassification(config).eval()
+
+
+def module_snapshot(model):
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, p.requires_grad) for n, p in model.named_parameters()],
+    )
+
+
+def assert_unchanged(model, snapshot):
+    modules, state, grads = snapshot
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for key in state:
+        assert torch.equal(now[key], state[key]), key
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
+
+
+def test_identity_at_init_timm_vit_tiny():
+    torch.manual_seed(0)
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
+    x = torch.randn(2, 3, 224, 224)
+    expected = base(x)
+    model = get_peft_model(copy.deepcopy(base), HouseholderConfig(target_modules=TIMM_TARGETS, modules_to_save=["head"]))
+    model.eval()
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, hh_peft.HouseholderLayer)]
+    assert len(adapted) == 12 * 4 and not any("patch_embed" in n for n in adapted)
+    # the classification head is trained in full and saved
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("head.modules_to_save" in n for n in trainable)
+
+
+def test_identity_at_init_transformers_vit_and_default_targets():
+    torch.manual_seed(0)
+    base = tiny_hf_vit()
+    x = torch.randn(3, 3, 32, 32)
+    expected = base(pixel_values=x).logits
+    model = get_peft_model(copy.deepcopy(base), HouseholderConfig(modules_to_save=["classifier"])).eval()
+    torch.testing.assert_close(model(pixel_values=x).logits, expected, rtol=0, atol=0)
+    targeted = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, hh_peft.HouseholderLayer)})
+    assert targeted == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+def test_vit_b16_attention_parameter_count_is_the_papers_184320():
+    config = ViTConfig()  # ViT-B/16: 12 blocks of 768-wide attention
+    with torch.device("meta"):
+        base = ViTForImageClassification(config)
+    model = get_peft_model(base, HouseholderConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_rank=1))
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == 12 * 4 * 5 * 768 == 184_320
+
+
+@pytest.mark.parametrize("rank, per_layer", [(0, 3 * 768), (2, 7 * 768)])
+def test_rank_ablation_parameter_counts(rank, per_layer):
+    with torch.device("meta"):
+        base = ViTForImageClassification(ViTConfig())
+    model = get_peft_model(base, HouseholderConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_rank=rank))
+    assert model.get_nb_trainable_parameters()[0] == 48 * per_layer
+
+
+def test_training_step_moves_only_adapter_and_head():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_hf_vit(), HouseholderConfig(modules_to_save=["classifier"]))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = []
+    for _ in range(15):
+        loss = model(pixel_values=x, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+
+
+def test_save_load_roundtrip_in_a_fresh_process(tmp_path):
+    torch.manual_seed(0)
+    base = tiny_hf_vit()
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(copy.deepcopy(base), HouseholderConfig(init_weights=False, modules_to_save=["classifier"]))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    expected = model(pixel_values=x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    files = sorted(os.listdir(tmp_path / "adapter"))
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "HTA" and saved["lora_rank"] == 1 and saved["householder"] == "normalized"
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+    assert all(".hta_" in k or "classifier" in k for k in keys) and any(k.endswith("hta_u_in") for k in keys)
+
+    script = textwrap.dedent(f"""
+        import torch, hh_peft
+        from peft import PeftModel
+        from transformers import ViTForImageClassification
+        base = ViTForImageClassification.from_pretrained({str(tmp_path / 'base')!r}).eval()
+        model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r}).eval()
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        torch.save(model(pixel_values=x).logits, {str(tmp_path / 'y.pt')!r})
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_fresh_process_without_import_gets_peft_keyerror_for_hta(tmp_path):
+    """Documents why the README's snippet starts with `import hh_peft`: PEFT alone does not know the type."""
+    base = tiny_hf_vit()
+    get_peft_model(base, HouseholderConfig()).save_pretrained(tmp_path)
+    script = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
+    from peft import PeftConfig
+
+    assert isinstance(PeftConfig.from_pretrained(str(tmp_path)), HouseholderConfig)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "HTA" in result.stderr
+
+
+def test_adapter_for_a_different_base_model_is_refused_and_model_left_unchanged(tmp_path):
+    torch.manual_seed(0)
+    get_peft_model(tiny_hf_vit(), HouseholderConfig(init_weights=False)).save_pretrained(tmp_path)
+    other = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=96, num_labels=5))
+    snapshot = module_snapshot(other)
+    with pytest.raises(ValueError, match=r"different base model: vit\.layers\.0\.attention\.\w_proj\.hta_\w+\.default has shape \(.*48.*\) in the checkpoint but \(.*64.*\) in this model .*left unchanged"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert_unchanged(other, snapshot)
+
+
+def test_target_modules_matching_nothing_lists_patterns_and_real_names():
+    base = tiny_hf_vit()
+    snapshot = module_snapshot(base)
+    with pytest.raises(ValueError, match=r"\['attn.qkv', 'nope'\] match no module of ViTForImageClassification; adaptable modules include .*q_proj"):
+        get_peft_model(base, HouseholderConfig(target_modules=["attn.qkv", "nope"]))
+    assert_unchanged(base, snapshot)
+
+
+def test_unsupported_layer_type_names_module_type_and_supported_types():
+    base = tiny_hf_vit()
+    snapshot = module_snapshot(base)
+    with pytest.raises(TypeError, match=r"'vit.layernorm' of type torch.nn.modules.normalization.LayerNorm .*supported layer types: torch.nn.modules.linear.Linear, .*Conv1D, .*Conv2d"):
+        get_peft_model(base, HouseholderConfig(target_modules=["q_proj", "layernorm"]))
+    assert_unchanged(base, snapshot)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lora_rank": -1}, r"`lora_rank` must be an integer >= 0.*-1"),
+        ({"lora_rank": 1.5}, r"`lora_rank` must be an integer"),
+        ({"householder": "gram-schmidt"}, r"`householder` must be one of \('normalized', 'paper'\), got 'gram-schmidt'"),
+        ({"dropout": 1.0}, r"`dropout` must be in \[0, 1\)"),
+        ({"eps": 0.0}, r"`eps` must be > 0"),
+    ],
+)
+def test_bad_config_values_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        HouseholderConfig(target_modules=["q_proj"], **kwargs)
+
+
+def test_paper_form_reproduces_printed_householder_and_starts_orthogonal():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_hf_vit(), HouseholderConfig(householder="paper", init_weights=False))
+    layer = next(m for m in model.modules() if isinstance(m, hh_peft.HouseholderLayer))
+    u = layer.hta_u_in["default"].detach().double()
+    assert abs(u.pow(2).sum().item() - 2.0) < 1e-6  # scaled so that I - u u^T starts as a reflection
+    H = torch.eye(u.numel(), dtype=torch.float64) - torch.outer(u, u)
+    torch.testing.assert_close(H @ H.T, torch.eye(u.numel(), dtype=torch.float64), rtol=0, atol=1e-6)
