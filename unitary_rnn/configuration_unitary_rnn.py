@@ -136,6 +136,8 @@ class UnitaryRNNConfig(PreTrainedConfig):
                     f"UnitaryRNNConfig: input_embedding='one_hot' needs input_size == vocab_size, got "
                     f"input_size={self.input_size}, vocab_size={self.vocab_size}"
                 )
+        if self.input_embedding == "embedding" and self.vocab_size is None:
+            raise ValueError("UnitaryRNNConfig: input_embedding='embedding' needs vocab_size")
         if self.input_size is None:
             self.input_size = 1
         for name in ("input_size", "hidden_size"):

@@ -1,0 +1,308 @@
+"""The unitary / orthogonal recurrent cell and its fused recurrence.
+
+Maths (DESIGN.md section 3), hidden state h in C^N, W in U(N) (or R^N and O(N) for ``field="real"``):
+
+    z_t = W h_{t-1} + V x_t;     h_t = modReLU(z_t) = z_t / |z_t| * relu(|z_t| + b)
+
+Speed. A Python loop over complex ops costs several small kernels per step. Here the complex state is
+kept as real features ``[Re h ; Im h]`` (2N), and W as the real 2N x 2N block matrix
+
+    M = [[A, -B], [B, A]],  W = A + iB,     so that   [Re z ; Im z] = M [Re h ; Im h],
+
+built once per forward. ``V x_t`` is computed for all t in one matmul up front. The recurrence itself is
+a custom autograd function (:class:`UnitaryRecurrence`): the forward loop runs without autograd (one
+``addmm`` and a fused modReLU per step), and the backward is hand-written BPTT whose weight gradient is
+one matmul over all steps at the end, ``dM^T = sum_t h_{t-1}^T dz_t``. The plain autograd loop
+(:func:`reference_recurrence`) is kept as the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from .manifold import manifold_of, mark_manifold
+from .parametrizations import (
+    modrelu_grouped,
+    random_restricted_parameters,
+    random_unitary,
+    restricted_unitary_matrix,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["UnitaryRNNCell", "UnitaryRecurrence", "unitary_recurrence", "reference_recurrence", "real_block_matrix"]
+
+RESTRICTED_PARAMETERS = ("theta1", "theta2", "theta3", "reflection1", "reflection2")
+
+
+def real_block_matrix(W: torch.Tensor) -> torch.Tensor:
+    """The real ``2N x 2N`` matrix ``X`` with ``[Re z, Im z] = [Re h, Im h] @ X`` for ``z = W h``
+    (row form): ``X = M^T = [[A^T, B^T], [-B^T, A^T]]``, ``W = A + iB``. A real W gives ``W^T``.
+    Differentiable in ``W``."""
+    if not W.is_complex():
+        return W.mT
+    A, B = W.real.mT, W.imag.mT
+    return torch.cat([torch.cat([A, B], dim=1), torch.cat([-B, A], dim=1)], dim=0)
+
+
+class UnitaryRecurrence(torch.autograd.Function):
+    """The fused recurrence ``h_t = modReLU(h_{t-1} @ X + u_t)`` over all t, with hand-written BPTT.
+
+    Shapes: ``u`` ``(T, B, g*N)`` (time-major), ``X`` ``(g*N, g*N)`` (:func:`real_block_matrix`), ``bias``
+    ``(N,)``, ``h0`` ``(B, g*N)``; ``g = 2`` for complex states stored ``[Re ; Im]``, ``g = 1`` for real
+    ones. Returns ``H`` ``(T, B, g*N)``, every step's state. Backward, with ``n_t = sqrt(sum_g z^2 + eps)``,
+    ``s = relu(n + b) / n``, ``m = [n + b > 0]``, ``k = (m - s) / n^2``, ``q = <dh, z>_g``:
+
+        dz_t = dh_t * s + z_t * k * q;   dh_{t-1} += dz_t @ X^T;   dX = sum_t h_{t-1}^T dz_t;
+        du_t = dz_t;   db = sum_t m / n * q.
+    """
+
+    @staticmethod
+    def forward(ctx, u, X, bias, h0, eps, groups):
+        T, B, D = u.shape
+        N = D // groups
+        Z = torch.empty_like(u)
+        H = torch.empty_like(u)
+        h = h0
+        for t in range(T):
+            z = torch.addmm(u[t], h, X, out=Z[t])
+            zg = z.view(B, groups, N)
+            n = zg.square().sum(1, keepdim=True).add_(eps).sqrt_()
+            s = torch.add(n, bias).relu_().div_(n)
+            h = torch.mul(zg, s, out=H[t].view(B, groups, N)).view(B, D)
+        ctx.save_for_backward(X, bias, h0, Z, H)
+        ctx.eps, ctx.groups = eps, groups
+        return H
+
+    @staticmethod
+    def backward(ctx, dH):
+        X, bias, h0, Z, H = ctx.saved_tensors
+        eps, groups = ctx.eps, ctx.groups
+        T, B, D = Z.shape
+        N = D // groups
+        Zg = Z.view(T, B, groups, N)
+        # everything that does not depend on the carried gradient, for all steps at once
+        n = Zg.square().sum(2, keepdim=True).add_(eps).sqrt_()
+        pre = n + bias
+        mask = (pre > 0).to(Z.dtype)
+        S = pre.relu_().div_(n)
+        K = (mask - S).div_(n.square())
+        dZ = torch.empty_like(Z)
+        Q = torch.empty_like(n)
+        Xt = X.mT
+        dHg = dH.contiguous().view(T, B, groups, N)
+        gh = dHg[T - 1].clone()
+        tmp = torch.empty(B, groups, N, dtype=Z.dtype, device=Z.device)
+        for t in range(T - 1, -1, -1):
+            zt = Zg[t]
+            torch.mul(gh, zt, out=tmp)
+            q = torch.sum(tmp, 1, keepdim=True, out=Q[t])
+            dz = dZ[t].view(B, groups, N)
+            torch.mul(gh, S[t], out=dz)
+            dz.addcmul_(zt, K[t] * q)
+            if t > 0:
+                gh = torch.addmm(dHg[t - 1].view(B, D), dz.view(B, D), Xt).view(B, groups, N)
+        dh0 = dZ[0] @ Xt
+        H_prev = torch.cat([h0.unsqueeze(0), H[:-1]], dim=0)
+        dX = H_prev.reshape(T * B, D).mT @ dZ.reshape(T * B, D)
+        dbias = (mask.div_(n) * Q).sum(dim=(0, 1, 2))
+        return dZ, dX, dbias, dh0, None, None
+
+
+def unitary_recurrence(u: torch.Tensor, X: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, eps: float, groups: int) -> torch.Tensor:
+    """Run :class:`UnitaryRecurrence` (see there for shapes); all tensors must share one dtype."""
+    return UnitaryRecurrence.apply(u.contiguous(), X.contiguous(), bias, h0.contiguous(), eps, groups)
+
+
+def reference_recurrence(u: torch.Tensor, X: torch.Tensor, bias: torch.Tensor, h0: torch.Tensor, eps: float, groups: int) -> torch.Tensor:
+    """The same map as :func:`unitary_recurrence`, as a plain autograd loop (the test reference)."""
+    T, B, D = u.shape
+    h, out = h0, []
+    for t in range(T):
+        z = (h @ X + u[t]).view(B, groups, D // groups)
+        h = modrelu_grouped(z, bias, eps).view(B, D)
+        out.append(h)
+    return torch.stack(out)
+
+
+_NARROW_FLOATS = (torch.float16, torch.bfloat16)
+
+
+class UnitaryRNNCell(nn.Module):
+    """One unitary (``field="complex"``) or orthogonal (``field="real"``) recurrent layer.
+
+    Parameters: ``input_weight`` V ``(g*N, input_size)`` (rows ``[Re V ; Im V]``), ``hidden_bias`` b ``(N,)``,
+    ``initial_state`` h_0 ``(g*N,)`` (learned, ``[Re ; Im]``), and W: ``recurrent_weight``, one complex
+    ``N x N`` parameter tagged ``manifold="unitary"`` (real and ``"orthogonal"`` for ``field="real"``) for
+    ``parametrization="full"``, or ``theta1..3`` ``(N,)``, ``reflection1..2`` ``(2, N)`` and the buffer
+    ``permutation`` for ``"restricted"``.
+
+    Casting: a real-dtype cast (``.to(torch.bfloat16)``, ``.half()``, ``.float()``, ``.double()``) keeps a
+    manifold parameter on its manifold: a complex W stays complex (complex128 for float64, complex64
+    otherwise) and a real W never goes below float32. The recurrence runs in W's precision and returns
+    features in the dtype of ``input_weight``.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        N = config.hidden_size
+        self.hidden_size = N
+        self.groups = 2 if config.field == "complex" else 1
+        self.parametrization = config.parametrization
+        self.eps = config.modrelu_eps
+        D = self.groups * N
+        self.input_weight = nn.Parameter(torch.empty(D, config.input_size))
+        self.hidden_bias = nn.Parameter(torch.empty(N))
+        self.initial_state = nn.Parameter(torch.empty(D))
+        if config.parametrization == "full":
+            dtype = torch.complex64 if config.field == "complex" else torch.float32
+            self.recurrent_weight = mark_manifold(nn.Parameter(torch.empty(N, N, dtype=dtype)))
+        else:
+            for k in (1, 2, 3):
+                setattr(self, f"theta{k}", nn.Parameter(torch.empty(N)))
+            for k in (1, 2):
+                setattr(self, f"reflection{k}", nn.Parameter(torch.empty(2, N)))
+            self.register_buffer("permutation", torch.empty(N, dtype=torch.long))
+        if not self.input_weight.is_meta:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def initial_values(self) -> dict[str, torch.Tensor]:
+        """Fresh initial values of every parameter and buffer, by name (drawn from the global RNG).
+
+        V: Glorot uniform; b: U(-0.01, 0.01); h_0: U(-sqrt(3 / D), sqrt(3 / D)) (Arjovsky et al.); W per
+        ``config.unitary_init``: identity, Haar-random, or a random restricted product (for the
+        restricted parametrisation: its angles U(-pi, pi), reflections U(-1, 1), a random permutation)."""
+        D, N = self.input_weight.shape[0], self.hidden_size
+        bound = math.sqrt(6.0 / (D + self.input_weight.shape[1]))
+        h_bound = math.sqrt(3.0 / D)
+        values = {
+            "input_weight": torch.empty(self.input_weight.shape, dtype=torch.float64).uniform_(-bound, bound),
+            "hidden_bias": torch.empty(N, dtype=torch.float64).uniform_(-0.01, 0.01),
+            "initial_state": torch.empty(D, dtype=torch.float64).uniform_(-h_bound, h_bound),
+        }
+        init = self.config.unitary_init
+        if self.parametrization == "full":
+            W = self.recurrent_weight
+            if init == "identity":
+                value = torch.eye(N, dtype=W.dtype)
+            elif init == "random":
+                value = random_unitary(N, dtype=W.dtype)
+            else:
+                value = restricted_unitary_matrix(**random_restricted_parameters(N, dtype=torch.float64))
+            values["recurrent_weight"] = value
+        else:
+            values.update(random_restricted_parameters(N, dtype=torch.float64))
+        return values
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter and buffer with :meth:`initial_values`."""
+        for name, value in self.initial_values().items():
+            target = getattr(self, name)
+            target.copy_(value.to(target.dtype))
+
+    # ------------------------------------------------------------------ W
+    def recurrent_matrix(self) -> torch.Tensor:
+        """W as a dense ``N x N`` matrix (complex, or real for ``field="real"``); differentiable."""
+        if self.parametrization == "full":
+            return self.recurrent_weight
+        return restricted_unitary_matrix(
+            *(getattr(self, name) for name in RESTRICTED_PARAMETERS), permutation=self.permutation
+        )
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The real dtype the recurrence runs in: W's precision."""
+        ref = self.recurrent_weight if self.parametrization == "full" else self.theta1
+        return ref.real.dtype if ref.is_complex() else ref.dtype
+
+    def forward(self, inputs: torch.Tensor, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inputs`` ``(batch, time, input_size)`` real -> (every state ``(batch, time, g*N)``, last state
+        ``(batch, g*N)``) as real ``[Re ; Im]`` features. ``initial_state`` ``(batch, g*N)`` overrides h_0."""
+        if inputs.ndim != 3:
+            raise ValueError(f"inputs must be (batch, time, input_size), got shape {tuple(inputs.shape)}")
+        batch, steps, _ = inputs.shape
+        out_dtype = self.input_weight.dtype
+        dtype = self.compute_dtype
+        X = real_block_matrix(self.recurrent_matrix()).to(dtype)
+        # V x_t for every step in one matmul, laid out time-major for the loop
+        u = (inputs.to(out_dtype).transpose(0, 1) @ self.input_weight.mT).to(dtype)
+        if initial_state is None:
+            h0 = self.initial_state.to(dtype).expand(batch, -1)
+        else:
+            h0 = initial_state.to(dtype)
+        bias = self.hidden_bias.to(dtype)
+        if steps == 0:
+            empty = u.new_zeros(batch, 0, u.shape[-1])
+            return empty.to(out_dtype), h0.to(out_dtype)
+        H = unitary_recurrence(u, X, bias, h0, self.eps, self.groups)
+        states = H.transpose(0, 1).to(out_dtype)
+        return states, states[:, -1]
+
+    # ------------------------------------------------------------------ manifold tag and dtype safety
+    def __setattr__(self, name, value):
+        # Every new tensor assigned as W keeps the manifold tag the optimizers look for (loaders and
+        # conversions build fresh Parameters). transformers' loader makes a loaded Parameter trainable
+        # only if it is floating point, which a complex tensor is not: keep the trainability of the
+        # parameter being replaced.
+        if name == "recurrent_weight" and isinstance(value, nn.Parameter):
+            old = self._parameters.get(name)
+            if old is not None and value.is_complex() and old.requires_grad and not value.requires_grad:
+                value.requires_grad_(True)
+            if manifold_of(value) is None:
+                mark_manifold(value)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        manifold = {id(p) for p in self._parameters.values() if p is not None and (p.is_complex() or manifold_of(p))}
+        manifold |= {id(p.grad) for p in self._parameters.values() if p is not None and id(p) in manifold and p.grad is not None}
+        if not manifold:
+            return super()._apply(fn, recurse)
+
+        def guarded(t):
+            if id(t) not in manifold:
+                return fn(t)
+            return _cast_keeping_manifold(fn, t, self)
+
+        result = super()._apply(guarded, recurse)
+        # a conversion that had to build a new Parameter object drops Python attributes: re-tag
+        if self.parametrization == "full" and manifold_of(self.recurrent_weight) is None:
+            mark_manifold(self.recurrent_weight)
+        return result
+
+
+def _cast_keeping_manifold(fn, t: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Apply the module-conversion ``fn`` to a manifold tensor ``t`` without leaving the manifold.
+
+    ``fn`` is probed on float32 and float64 scalars to learn which real dtype it casts to (if any):
+    float64 -> complex128 (W complex) / float64; float32 -> complex64 / float32; float16 / bfloat16 ->
+    the dtype is kept (there is no bfloat16 complex type, and a half-precision W drifts off the
+    manifold), with a warning. Device moves and explicit complex casts apply as usual."""
+    probe32 = fn(torch.zeros((), dtype=torch.float32, device=t.device))
+    probe64 = fn(torch.zeros((), dtype=torch.float64, device=t.device))
+    if not isinstance(probe32, torch.Tensor) or not isinstance(probe64, torch.Tensor):
+        return fn(t)
+    if probe32.dtype != torch.float32:
+        target = probe32.dtype
+    elif probe64.dtype != torch.float64:
+        target = probe64.dtype
+    else:
+        target = None  # fn does not change real dtypes: a device move, or a no-op
+    if target is None or target.is_complex:
+        return fn(t)
+    if target in _NARROW_FLOATS:
+        logger.warning(
+            "%s: keeping the %s recurrent matrix in %s under a cast to %s (it must stay on the manifold); "
+            "the recurrence runs in that precision.",
+            type(module).__name__, "unitary" if t.is_complex() else "orthogonal", t.dtype, target,
+        )
+        return t.to(device=probe32.device)
+    if t.is_complex():
+        target = torch.complex128 if target == torch.float64 else torch.complex64
+    return t.to(device=probe32.device, dtype=target)
