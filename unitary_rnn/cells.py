@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["UnitaryRNNCell", "UnitaryRecurrence", "unitary_recurrence", "reference_recurrence", "real_block_matrix"]
 
 RESTRICTED_PARAMETERS = ("theta1", "theta2", "theta3", "reflection1", "reflection2")
+PERMUTATION_SEED = 1234
+"""Seed of the restricted parametrisation's fixed permutation Pi: the same N always gives the same Pi."""
 
 
 def real_block_matrix(W: torch.Tensor) -> torch.Tensor:
@@ -177,7 +179,8 @@ class UnitaryRNNCell(nn.Module):
 
         V: Glorot uniform; b: U(-0.01, 0.01); h_0: U(-sqrt(3 / D), sqrt(3 / D)) (Arjovsky et al.); W per
         ``config.unitary_init``: identity, Haar-random, or a random restricted product (for the
-        restricted parametrisation: its angles U(-pi, pi), reflections U(-1, 1), a random permutation)."""
+        restricted parametrisation: its angles U(-pi, pi), reflections U(-1, 1), and the fixed permutation
+        drawn with ``PERMUTATION_SEED``)."""
         D, N = self.input_weight.shape[0], self.hidden_size
         bound = math.sqrt(6.0 / (D + self.input_weight.shape[1]))
         h_bound = math.sqrt(3.0 / D)
@@ -198,6 +201,8 @@ class UnitaryRNNCell(nn.Module):
             values["recurrent_weight"] = value
         else:
             values.update(random_restricted_parameters(N, dtype=torch.float64))
+            # the permutation is a fixed (not learned) part of the architecture: a deterministic buffer
+            values["permutation"] = torch.randperm(N, generator=torch.Generator().manual_seed(PERMUTATION_SEED))
         return values
 
     @torch.no_grad()
