@@ -68,6 +68,21 @@ def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(dtype, dtype)
 
 
+# The thin products below are written as (thin x big) products, ``M X = (X^T M^T)^T`` and ``M^H X = (X^H M)^H``:
+# mathematically the same, but on CPU BLAS (MKL, complex64) the N x N x k product with k = 1..8 is 3-6x faster that
+# way round than ``M @ X`` / ``M.mH @ X`` (measured at N = 1024).
+
+
+def _mul_thin(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``M X`` for N x N ``M`` and thin N x k ``X``."""
+    return (X.mT @ M.mT).mT
+
+
+def _adjoint_mul_thin(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``M^H X`` for N x N ``M`` and thin N x k ``X``."""
+    return (X.mH @ M).mH
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # rank-k approximation of the gradient
 # --------------------------------------------------------------------------------------------------------------------
@@ -122,7 +137,7 @@ def low_rank_approximation(
     if sampling == "lsi":
         m = min(rank + oversample, n)
         omega = torch.randn(n, m, dtype=G.dtype, device=G.device, generator=generator)  # N x m
-        return _range_to_factors(G, G @ omega, rank)
+        return _range_to_factors(G, _mul_thin(G, omega), rank)
 
     # "column": scale first so that squared norms of tiny (e.g. 1e-30 in float32) columns do not underflow to zero
     scale = G.abs().amax()
@@ -147,7 +162,7 @@ def low_rank_approximation(
 def _subspace(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``Q`` (N x r, orthonormal) and ``E = R_P R_B^H`` (r x r) with ``W^H A B^H = Q E Q^H``, ``r = min(2k, N)``."""
     k = A.shape[1]
-    P = W.mH @ A  # N x k
+    P = _adjoint_mul_thin(W, A)  # N x k, W^H A
     Q, R = torch.linalg.qr(torch.cat([P, B], dim=1))  # N x r, r x 2k
     E = R[:, :k] @ R[:, k:].mH  # r x r
     return Q, E
@@ -172,6 +187,7 @@ def polar_low_rank_update(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> 
     machine epsilon, which keeps the result finite but not unitary in the singular directions.
     """
     _check_factors(W, A, B)
+    W = W.contiguous()  # a column-major W (e.g. straight from a QR) would make every N x N pass a strided copy
     Q, E = _subspace(W, A, B)  # N x r, r x r
     H = E + E.mH + E.mH @ E  # r x r, Hermitian
     mu, V = torch.linalg.eigh((H + H.mH) / 2)  # r, r x r
@@ -186,7 +202,7 @@ def polar_low_rank_update(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> 
     defect = eye - Z.mH @ Z  # r x r
     refined = delta + Z @ defect / 2
     delta = torch.where(torch.linalg.matrix_norm(defect, ord=2) < 0.5, refined, delta)
-    return W + (W @ Q) @ (delta @ Q.mH)
+    return torch.addmm(W, _mul_thin(W, Q).contiguous(), delta @ Q.mH)  # W + (W Q) delta Q^H, N x N
 
 
 def expm_low_rank_tangent(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -202,6 +218,7 @@ def expm_low_rank_tangent(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> 
     ``exp(K)`` is unitary for any K, so the step never leaves the manifold beyond rounding, whatever its size.
     """
     _check_factors(W, A, B)
+    W = W.contiguous()  # a column-major W (e.g. straight from a QR) would make every N x N pass a strided copy
     Q, E = _subspace(W, A, B)  # N x r, r x r
     K = (E - E.mH) / 2  # r x r, skew-Hermitian
     iK = 1j * K.to(_complex_dtype(K.dtype))  # r x r, Hermitian
@@ -214,7 +231,7 @@ def expm_low_rank_tangent(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> 
     delta = (V * phase) @ V.mH  # r x r, exp(K) - I
     if not W.is_complex():
         delta = delta.real  # exp of a real skew-symmetric matrix is real
-    return W + (W @ Q) @ (delta @ Q.mH)
+    return torch.addmm(W, _mul_thin(W, Q).contiguous(), delta @ Q.mH)  # W + (W Q) delta Q^H, N x N
 
 
 def projunn_direct_step(
