@@ -281,3 +281,30 @@ def test_trust_remote_code_in_fresh_process(tmp_path):
     assert info == dict(info, config_class="UnitaryRNNConfig", exact=True, dtype="torch.complex64", manifold="unitary", requires_grad=True)
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits_remote.pt"), model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("kw", [dict(), dict(field="real"), dict(parametrization="restricted")])
+def test_training_lowers_loss_and_keeps_w_on_the_manifold(kw):
+    """A short copy task trained with the project's optimizer from the config's defaults."""
+    optim = pytest.importorskip("unitary_rnn.optim")
+    from unitary_rnn.tasks import CopyMemoryTask
+
+    task = CopyMemoryTask(delay=5, copy_length=3, num_symbols=4)
+    data = task.generate(64, seed=0)
+    config = UnitaryRNNConfig(
+        vocab_size=task.vocab_size, hidden_size=16, num_labels=task.num_labels,
+        learning_rate=1e-2, unitary_learning_rate=1e-2, **kw,
+    )
+    torch.manual_seed(0)
+    model = UnitaryRNNForTokenClassification(config)
+    opt = optim.create_optimizer(model)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = model(**data).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses[::10]
+    assert unitarity_error(model.model.recurrent_matrix().detach()) < 1e-4
