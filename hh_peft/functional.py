@@ -89,6 +89,14 @@ def delta_weight(d: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Ten
     return delta.index_put((index, index), d, accumulate=True)
 
 
+def folded_weight(weight: torch.Tensor, d: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``W + delta_W = W + D + U V^T`` as a new ``out x in`` matrix: one ``addmm`` pass over ``out x in`` plus an
+    in-place add of ``d`` on the diagonal (O(m)). For use without autograd (the folded layer's forward/backward)."""
+    folded = torch.addmm(weight, U, V.T)  # (out, in)
+    folded.diagonal()[: d.shape[0]].add_(d)
+    return folded
+
+
 def hta_activation_delta(x: torch.Tensor, d: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``x delta_W^T`` for row vectors ``x`` (..., in) without building ``delta_W``: (..., out).
 
