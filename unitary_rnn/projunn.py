@@ -159,6 +159,26 @@ def low_rank_approximation(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _check_out(W: torch.Tensor, out: torch.Tensor | None) -> None:
+    if out is not None and (out.shape != W.shape or out.dtype != W.dtype or out.device != W.device):
+        raise ValueError(
+            f"out must match W (shape {tuple(W.shape)}, {W.dtype}, {W.device}), got {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
+
+
+def _apply(W: torch.Tensor, Q: torch.Tensor, delta: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``W + (W Q) delta Q^H`` (N x N), into ``out`` when given (``out`` may be W itself: the thin factors are
+    computed before W is overwritten). Writing in place saves allocating a fresh N x N matrix per step, which on
+    CPU (page faults on a new 32 MB block at N = 2048) costs more than the arithmetic."""
+    left = _mul_thin(W, Q).contiguous()  # N x r, W Q
+    right = delta @ Q.mH  # r x N
+    if out is None:
+        return torch.addmm(W, left, right)
+    if out.data_ptr() != W.data_ptr():
+        out.copy_(W)
+    return out.addmm_(left, right)
+
+
 def _subspace(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``Q`` (N x r, orthonormal) and ``E = R_P R_B^H`` (r x r) with ``W^H A B^H = Q E Q^H``, ``r = min(2k, N)``."""
     k = A.shape[1]
@@ -168,7 +188,9 @@ def _subspace(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.
     return Q, E
 
 
-def polar_low_rank_update(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def polar_low_rank_update(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``polar(W + A B^H)`` for unitary (orthogonal) W and A, B: N x k, in O(k N^2) through one r x r ``eigh``.
 
     With ``W^H A B^H = Q E Q^H`` (see the module docstring), ``W + A B^H = W (I + Q E Q^H)`` and, W being unitary,
@@ -185,8 +207,10 @@ def polar_low_rank_update(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> 
     updates and is exactly 0 for ``mu = 0``: a zero update returns W unchanged, bit for bit. ``W + A B^H`` singular
     (only for steps of operator norm >= 1) has no unique polar factor; ``1 + mu`` is then floored at the dtype's
     machine epsilon, which keeps the result finite but not unitary in the singular directions.
+    ``out`` (N x N, may be W itself) receives the result instead of a new tensor.
     """
     _check_factors(W, A, B)
+    _check_out(W, out)
     W = W.contiguous()  # a column-major W (e.g. straight from a QR) would make every N x N pass a strided copy
     Q, E = _subspace(W, A, B)  # N x r, r x r
     H = E + E.mH + E.mH @ E  # r x r, Hermitian
@@ -202,10 +226,12 @@ def polar_low_rank_update(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> 
     defect = eye - Z.mH @ Z  # r x r
     refined = delta + Z @ defect / 2
     delta = torch.where(torch.linalg.matrix_norm(defect, ord=2) < 0.5, refined, delta)
-    return torch.addmm(W, _mul_thin(W, Q).contiguous(), delta @ Q.mH)  # W + (W Q) delta Q^H, N x N
+    return _apply(W, Q, delta, out)
 
 
-def expm_low_rank_tangent(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def expm_low_rank_tangent(
+    W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``W exp(skew(W^H A B^H))``, ``skew(X) = (X - X^H) / 2``, in O(k N^2) through one r x r ``eigh``.
 
     With ``W^H A B^H = Q E Q^H``: ``skew(W^H A B^H) = Q K Q^H`` with ``K = (E - E^H) / 2`` (r x r, skew-Hermitian),
@@ -216,8 +242,10 @@ def expm_low_rank_tangent(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> 
         W_new = W + (W Q) (exp(K) - I) Q^H.
 
     ``exp(K)`` is unitary for any K, so the step never leaves the manifold beyond rounding, whatever its size.
+    ``out`` (N x N, may be W itself) receives the result instead of a new tensor.
     """
     _check_factors(W, A, B)
+    _check_out(W, out)
     W = W.contiguous()  # a column-major W (e.g. straight from a QR) would make every N x N pass a strided copy
     Q, E = _subspace(W, A, B)  # N x r, r x r
     K = (E - E.mH) / 2  # r x r, skew-Hermitian
@@ -231,7 +259,7 @@ def expm_low_rank_tangent(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> 
     delta = (V * phase) @ V.mH  # r x r, exp(K) - I
     if not W.is_complex():
         delta = delta.real  # exp of a real skew-symmetric matrix is real
-    return torch.addmm(W, _mul_thin(W, Q).contiguous(), delta @ Q.mH)  # W + (W Q) delta Q^H, N x N
+    return _apply(W, Q, delta, out)
 
 
 def projunn_direct_step(
@@ -241,18 +269,20 @@ def projunn_direct_step(
     rank: int = 1,
     sampling: str = "lsi",
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """projUNN-D: ``W_new = polar(W - lr a b^H)`` with ``a b^H`` the rank-k approximation of the gradient G.
 
     W: N x N unitary (complex) or orthogonal (real); G: N x N, ``W.grad``. O(k N^2) (``sampling="exact"``: O(N^3)).
-    Returns the new matrix; W is not modified.
+    Returns the new matrix (W is not modified), or writes it into ``out`` (which may be W: an in-place step).
     """
     lr = _check_lr(lr)
     _check_square(W)
     if G.shape != W.shape or G.dtype != W.dtype:
         raise ValueError(f"G must match W: got {tuple(G.shape)} {G.dtype}, W is {tuple(W.shape)} {W.dtype}")
-    a, b = low_rank_approximation(G, rank, sampling, generator=generator)  # N x k, N x k
-    return polar_low_rank_update(W.detach(), -lr * a, b)
+    with torch.no_grad():
+        a, b = low_rank_approximation(G, rank, sampling, generator=generator)  # N x k, N x k
+        return polar_low_rank_update(W.detach(), -lr * a, b, out=out)
 
 
 def projunn_tangent_step(
@@ -262,19 +292,22 @@ def projunn_tangent_step(
     rank: int = 1,
     sampling: str = "lsi",
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """projUNN-T: ``W_new = W exp(-lr skew(W^H a b^H))`` with ``a b^H`` the rank-k approximation of the gradient G.
 
     ``W skew(W^H G)`` is the orthogonal projection of G on the tangent space of U(N) (O(N)) at W, so this is a
     Riemannian gradient step with the exponential map. W: N x N unitary or orthogonal; G: N x N, ``W.grad``.
-    O(k N^2) (``sampling="exact"``: O(N^3)). Returns the new matrix; W is not modified.
+    O(k N^2) (``sampling="exact"``: O(N^3)). Returns the new matrix (W is not modified),
+    or writes it into ``out`` (which may be W: an in-place step).
     """
     lr = _check_lr(lr)
     _check_square(W)
     if G.shape != W.shape or G.dtype != W.dtype:
         raise ValueError(f"G must match W: got {tuple(G.shape)} {G.dtype}, W is {tuple(W.shape)} {W.dtype}")
-    a, b = low_rank_approximation(G, rank, sampling, generator=generator)  # N x k, N x k
-    return expm_low_rank_tangent(W.detach(), -lr * a, b)
+    with torch.no_grad():
+        a, b = low_rank_approximation(G, rank, sampling, generator=generator)  # N x k, N x k
+        return expm_low_rank_tangent(W.detach(), -lr * a, b, out=out)
 
 
 __all__ = [

@@ -299,3 +299,22 @@ def test_bad_input_errors_name_the_problem():
         polar_low_rank_update(W, torch.ones(4, 1), torch.ones(4, 1))
     with pytest.raises(ValueError, match="oversample"):
         low_rank_approximation(G, 1, "lsi", oversample=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float64])
+@pytest.mark.parametrize("step", STEPS)
+def test_out_and_in_place_steps_equal_the_pure_step(dtype, step):
+    n = 12
+    W = _unitary(n, dtype)
+    G = torch.randn(n, n, dtype=dtype, generator=_gen(1))
+    expected = step(W, G, 0.3, 2, "lsi", generator=_gen(2))
+    buffer = torch.empty_like(W)
+    assert step(W, G, 0.3, 2, "lsi", generator=_gen(2), out=buffer) is buffer
+    param = torch.nn.Parameter(W.clone())  # an optimizer's in-place step on a leaf that requires grad
+    assert step(param, G, 0.3, 2, "lsi", generator=_gen(2), out=param) is param
+    torch.testing.assert_close(buffer, expected, atol=0, rtol=0)
+    torch.testing.assert_close(param.detach(), expected, atol=0, rtol=0)
+    W_t = W.mT.contiguous().mT  # column-major W, written into a row-major out
+    torch.testing.assert_close(step(W_t, G, 0.3, 2, "lsi", generator=_gen(2)), expected, atol=1e-12 if dtype == torch.float64 else 1e-6, rtol=0)
+    with pytest.raises(ValueError, match="out must match W"):
+        step(W, G, 0.3, 2, out=torch.empty(n, n + 1, dtype=dtype))
