@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from unitary_rnn.manifold import mark_manifold, unitarity_error
+from unitary_rnn.manifold import manifold_of, mark_manifold, unitarity_error
 from unitary_rnn.optim import UnitaryOptimizer, cayley_step, create_optimizer, manifold_step, rmsprop_scale_, skew_gradient
 
 
@@ -531,3 +531,41 @@ def test_ddp_gloo_complex_gradients(tmp_path):
         opt.step()
     torch.testing.assert_close(W0, W.detach(), rtol=0, atol=1e-12)
     assert unitarity_error(W0) < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------------
+# the project's own models: create_optimizer from UnitaryRNNConfig, trained on the copy task
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["cayley", "projunn_t"])
+def test_create_optimizer_trains_unitary_rnn_on_copy_task(method):
+    from unitary_rnn import UnitaryRNNConfig, UnitaryRNNForTokenClassification
+    from unitary_rnn.tasks import CopyMemoryTask
+
+    task = CopyMemoryTask(delay=5)
+    config = UnitaryRNNConfig(hidden_size=16, vocab_size=task.vocab_size, num_labels=task.num_labels, unitary_init="random",
+                              optimizer=method, unitary_learning_rate=3e-3, learning_rate=3e-3, projunn_rank=1)
+    model = UnitaryRNNForTokenClassification(config)
+    opt = create_optimizer(model)
+    (W,) = opt.param_groups[0]["params"]
+    assert W.dtype == torch.complex64 and opt.param_groups[0]["method"] == method
+    data = task.generate(32, seed=0)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = model(**data).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < task.baseline_loss < losses[0]  # it uses memory: below the memoryless baseline
+    assert unitarity_error(W.detach()) < 1e-4
+
+
+def test_create_optimizer_restricted_model_has_no_manifold_group():
+    from unitary_rnn import UnitaryRNNConfig, UnitaryRNNForSequenceClassification
+
+    model = UnitaryRNNForSequenceClassification(UnitaryRNNConfig(hidden_size=8, input_size=2, num_labels=1, parametrization="restricted"))
+    opt = create_optimizer(model)
+    assert len(opt.param_groups) == 1
+    assert all(manifold_of(p) is None for p in opt.param_groups[0]["params"])
