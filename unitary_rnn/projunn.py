@@ -19,8 +19,8 @@ any matrix function f that maps the span of Q to itself
 
     f(I + Q E Q^H) = I + Q (f(I + E) - I) Q^H,      so      W_new = W + (W Q) (f(I + E) - I) Q^H,
 
-two N x N x r products: O(k N^2). All functions here are pure (they return new tensors) and work for complex
-(unitary) and real (orthogonal) W alike.
+two N x N x r products: O(k N^2). The functions return new tensors (or write into ``out=``, which may be W itself,
+for an in-place optimizer step) and work for complex (unitary) and real (orthogonal) W alike.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def _apply(W: torch.Tensor, Q: torch.Tensor, delta: torch.Tensor, out: torch.Ten
     return out.addmm_(left, right)
 
 
-def _subspace(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _subspace(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q`` (N x r, orthonormal) and ``E = R_P R_B^H`` (r x r) with ``W^H A B^H = Q E Q^H``, ``r = min(2k, N)``."""
     k = A.shape[1]
     P = _adjoint_mul_thin(W, A)  # N x k, W^H A
@@ -225,7 +225,7 @@ def polar_low_rank_update(
     Z = eye + delta
     defect = eye - Z.mH @ Z  # r x r
     refined = delta + Z @ defect / 2
-    delta = torch.where(torch.linalg.matrix_norm(defect, ord=2) < 0.5, refined, delta)
+    delta = torch.where(torch.linalg.matrix_norm(defect) < 0.5, refined, delta)  # Frobenius >= 2-norm
     return _apply(W, Q, delta, out)
 
 
