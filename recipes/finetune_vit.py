@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="fraction of the steps spent warming up")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--eval_every", type=int, default=None, help="validate every N steps (default: once per epoch)")
+    g.add_argument("--eval_every", type=int, default=None, help="validate every N steps (overrides --eval_epochs)")
+    g.add_argument("--eval_epochs", type=float, default=1.0, help="validate every this many epochs (and at the end)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num_workers", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads per process (CPU)")
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> dict:
 
     progress = tqdm(total=total_steps, initial=state.step, disable=args.quiet or not accelerator.is_local_main_process,
                     desc=f"{args.method}", dynamic_ncols=True)
-    eval_every = args.eval_every or updates_per_epoch
+    eval_every = args.eval_every or max(1, int(round(args.eval_epochs * updates_per_epoch)))
     model.train()
     t0 = time.perf_counter()
     while state.step < total_steps:

@@ -85,9 +85,9 @@ def pretrained_backbone(args) -> tuple[Path, dict | None]:
     folder = Path(args.cache_dir) / f"vit_{args.pretrain_dataset}_{key}"
     if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
         metrics_file = folder / "metrics.json"
-        print(f"pre-trained backbone: {folder} (cached)")
+        print(f"pre-trained backbone: {folder} (cached)", flush=True)
         return folder, json.loads(metrics_file.read_text()) if metrics_file.exists() else None
-    print(f"pre-training a small ViT on {args.pretrain_dataset} for {args.pretrain_steps} steps -> {folder}")
+    print(f"pre-training a small ViT on {args.pretrain_dataset} for {args.pretrain_steps} steps -> {folder}", flush=True)
     argv = [
         "--model", BACKBONE, "--random_init", "--model_kwargs", json.dumps(BACKBONE_KWARGS),
         "--dataset", args.pretrain_dataset, "--method", "full", "--max_train_steps", str(args.pretrain_steps),
@@ -142,7 +142,8 @@ def main(argv=None) -> list[dict]:
             argv = [
                 "--model", str(model), "--dataset", args.dataset, "--epochs", str(args.epochs),
                 "--batch_size", str(args.batch_size), "--target_preset", args.target_preset,
-                "--output_dir", str(out / method), "--seed", str(args.seed), *METHOD_ARGS[method],
+                "--output_dir", str(out / method), "--seed", str(args.seed), "--eval_epochs", str(max(1.0, args.epochs / 2)),
+                *METHOD_ARGS[method],
             ]
             if args.image_size:
                 argv += ["--image_size", str(args.image_size)]
