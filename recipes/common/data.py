@@ -278,7 +278,7 @@ def _to_chw(image: Any) -> torch.Tensor:
     if hasattr(image, "convert"):  # PIL
         if image.mode not in ("L", "RGB"):
             image = image.convert("RGB")
-        image = np.asarray(image)
+        image = np.array(image)  # a writable copy
     t = torch.as_tensor(np.asarray(image))
     if t.ndim == 2:
         t = t[None]
