@@ -5,12 +5,12 @@ Adapter state lives in ``ParameterDict``s keyed by adapter name. ``merge`` / ``u
 
 Forward paths of `Linear` (chosen per call, all computing ``base(x) + x delta_W^T``):
 
-* **folded** (no dropout, no autocast, one dtype, frozen base weight: the training and inference
-  default). ``y = x (W + delta_W)^T + b`` is a single matmul; ``delta_W`` costs O(in * out) to build.
+* **folded** (no dropout, no autocast, one dtype: the training and inference default).
+  ``y = x (W + delta_W)^T + b`` is a single matmul; ``delta_W`` costs O(in * out) to build.
   The custom autograd function below takes the parameter gradients by low-rank contractions
   (``dU = G^T (X V)``, ``dV = X^T (G U)``, ``dd = sum_n G[:, :m] * X[:, :m]``), never forming the full
   ``out x in`` weight gradient, and rebuilds ``W + delta_W`` in backward instead of storing it.
-* **activation space** (dropout, autocast, mixed dtypes, a trainable base weight, per-sample
+* **activation space** (dropout, autocast, mixed dtypes, per-sample
   ``adapter_names``): ``base(x) + (drop(x) V) U^T + drop(x)[:, :m] * d``, like LoRA.
 """
 
@@ -33,7 +33,8 @@ SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D, nn.Conv2d)
 
 
 class _FoldedHTALinear(torch.autograd.Function):
-    """``y = x (W + D + U V^T)^T + b`` with W frozen: one matmul forward, low-rank parameter gradients backward.
+    """``y = x (W + D + U V^T)^T + b``: one matmul forward, low-rank adapter gradients backward (and the full
+    ``dW = G^T X`` only when the base weight itself is trainable).
 
     With ``X`` (n, in) and ``G = dL/dy`` (n, out), ``k = 2 + r``:
 
@@ -56,7 +57,7 @@ class _FoldedHTALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, d, U, V = ctx.saved_tensors
-        grad_x = grad_bias = grad_d = grad_U = grad_V = None
+        grad_x = grad_weight = grad_bias = grad_d = grad_U = grad_V = None
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
         g2 = grad_output.reshape(-1, grad_output.shape[-1])  # (n, out)
         if ctx.needs_input_grad[0]:
@@ -70,9 +71,11 @@ class _FoldedHTALinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             m = d.shape[0]
             grad_d = (g2[:, :m] * x2[:, :m]).sum(0)  # (m,)
+        if ctx.needs_input_grad[1]:  # a trainable base weight (unfrozen by the user, or FSDP's flat parameter)
+            grad_weight = g2.T @ x2  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
-        return grad_x, None, grad_bias, grad_d, grad_U, grad_V
+        return grad_x, grad_weight, grad_bias, grad_d, grad_U, grad_V
 
 
 class HouseholderLayer(BaseTunerLayer):
@@ -306,7 +309,7 @@ class Linear(nn.Module, HouseholderLayer):
         if kwargs or type(base_layer) not in (nn.Linear, Conv1D):
             return False  # subclasses of nn.Linear (quantised layers ...) keep their own forward
         weight = base_layer.weight
-        if weight.requires_grad or torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type):
             return False
         for name in active:
             if self.training and isinstance(self.hta_dropout[name], nn.Dropout):

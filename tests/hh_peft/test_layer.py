@@ -50,7 +50,7 @@ def test_folded_function_gradients_equal_autograd_of_the_explicit_form(shape):
     in_features, out_features = shape
     dtype = torch.float64
     x = torch.randn(5, 3, in_features, dtype=dtype, requires_grad=True)
-    weight = torch.randn(out_features, in_features, dtype=dtype)
+    weight = torch.randn(out_features, in_features, dtype=dtype, requires_grad=True)
     bias = torch.randn(out_features, dtype=dtype, requires_grad=True)
     m = min(shape)
     d = torch.randn(m, dtype=dtype, requires_grad=True)
