@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine (see README):
+#   make main   # the offline main job: pre-train a small ViT, adapt it with HTA and LoRA, print the table
+#   make test   # the whole test suite, PEFT's own method matrix on HTA included
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data main test test-fast conformance benchmarks
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# constraints.txt pins torch/torchvision exactly: pip never resolves an unpinned (multi-GB) torch
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,recipes]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+data:  # Fashion-MNIST from Debian (the offline pre-training set of the main job and the uRNN recipes)
+	@test -d $(FASHION_MNIST) || (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist))
+
+setup: $(STAMP) data
+
+main: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) recipes/main_job.py
+
+test: setup
+	$(PY) scripts/fetch_conformance_suites.py
+	HH_REQUIRE_SUITES=1 $(PY) -m pytest -n 2 --timeout 900 tests
+	$(PY) scripts/run_peft_conformance.py -n 2 -p no:warnings --timeout 900
+
+test-fast: setup  # everything but the tests marked slow and the conformance suites
+	$(PY) -m pytest -n 2 -m "not slow and not conformance" tests
+
+benchmarks: setup
+	$(PY) benchmarks/bench_hta.py
+	$(PY) benchmarks/bench_unitary_rnn.py
+	$(PY) benchmarks/bench_cayley.py
+	$(PY) benchmarks/bench_projunn.py
