@@ -67,51 +67,63 @@ class UnitaryRecurrence(torch.autograd.Function):
     def forward(ctx, u, X, bias, h0, eps, groups):
         T, B, D = u.shape
         N = D // groups
-        Z = torch.empty_like(u)
+        one = torch.ones((), dtype=u.dtype, device=u.device)
+        Z = u.clone()  # z_t = u_t + h_{t-1} X, accumulated in place: no per-step allocation or copy
         H = torch.empty_like(u)
+        norms = u.new_empty(T, B, 1, N)  # n_t = sqrt(sum_g z^2 + eps), kept for the backward
+        scales = u.new_empty(T, B, 1, N)  # s_t = relu(n_t + b) / n_t
+        # per-step views made once (unbind), so that the loop does no indexing
+        z_rows, h_rows = Z.unbind(0), H.unbind(0)
+        zg = Z.view(T, B, groups, N)
+        z_groups, h_groups = zg.unbind(0), H.view(T, B, groups, N).unbind(0)
+        z_parts = [zg[:, :, k : k + 1].unbind(0) for k in range(groups)]  # Re, Im parts as (B, 1, N)
+        n_rows, s_rows = norms.unbind(0), scales.unbind(0)
         h = h0
         for t in range(T):
-            z = torch.addmm(u[t], h, X, out=Z[t])
-            zg = z.view(B, groups, N)
-            n = zg.square().sum(1, keepdim=True).add_(eps).sqrt_()
-            s = torch.add(n, bias).relu_().div_(n)
-            h = torch.mul(zg, s, out=H[t].view(B, groups, N)).view(B, D)
-        ctx.save_for_backward(X, bias, h0, Z, H)
-        ctx.eps, ctx.groups = eps, groups
+            z_rows[t].addmm_(h, X)
+            n = n_rows[t]
+            torch.mul(z_parts[0][t], z_parts[0][t], out=n)
+            if groups == 2:
+                n.addcmul_(z_parts[1][t], z_parts[1][t])
+            n.add_(eps).sqrt_()
+            s = torch.addcdiv(one, bias, n, out=s_rows[t]).clamp_min_(0)  # relu(n + b) / n = relu(1 + b / n)
+            torch.mul(z_groups[t], s, out=h_groups[t])
+            h = h_rows[t]
+        ctx.save_for_backward(X, bias, h0, Z, H, norms, scales)
+        ctx.groups = groups
         return H
 
     @staticmethod
     def backward(ctx, dH):
-        X, bias, h0, Z, H = ctx.saved_tensors
-        eps, groups = ctx.eps, ctx.groups
+        X, bias, h0, Z, H, n, S = ctx.saved_tensors
+        groups = ctx.groups
         T, B, D = Z.shape
         N = D // groups
         Zg = Z.view(T, B, groups, N)
-        # everything that does not depend on the carried gradient, for all steps at once
-        n = Zg.square().sum(2, keepdim=True).add_(eps).sqrt_()
-        pre = n + bias
-        mask = (pre > 0).to(Z.dtype)
-        S = pre.relu_().div_(n)
-        K = (mask - S).div_(n.square())
+        # k_t = (m_t - s_t) / n_t^2 for all steps at once (it does not depend on the carried gradient)
+        mask = S > 0
+        K = mask.to(Z.dtype).sub_(S).div_(n).div_(n)
+        # G[t] = dL/dh_t: the direct gradient, plus dz_{t+1} X^T added in place when step t+1 is done
+        G = dH.clone(memory_format=torch.contiguous_format)
         dZ = torch.empty_like(Z)
         Q = torch.empty_like(n)
+        tmp = Z.new_empty(B, groups, N)
+        kq = Z.new_empty(B, 1, N)
         Xt = X.mT
-        dHg = dH.contiguous().view(T, B, groups, N)
-        gh = dHg[T - 1].clone()
-        tmp = torch.empty(B, groups, N, dtype=Z.dtype, device=Z.device)
+        g_rows, g_groups = G.unbind(0), G.view(T, B, groups, N).unbind(0)
+        dz_rows, dz_groups = dZ.unbind(0), dZ.view(T, B, groups, N).unbind(0)
+        z_groups, s_rows, k_rows, q_rows = Zg.unbind(0), S.unbind(0), K.unbind(0), Q.unbind(0)
         for t in range(T - 1, -1, -1):
-            zt = Zg[t]
-            torch.mul(gh, zt, out=tmp)
-            q = torch.sum(tmp, 1, keepdim=True, out=Q[t])
-            dz = dZ[t].view(B, groups, N)
-            torch.mul(gh, S[t], out=dz)
-            dz.addcmul_(zt, K[t] * q)
+            gh, zt = g_groups[t], z_groups[t]
+            q = torch.sum(torch.mul(gh, zt, out=tmp), 1, keepdim=True, out=q_rows[t])
+            torch.mul(gh, s_rows[t], out=dz_groups[t]).addcmul_(zt, torch.mul(k_rows[t], q, out=kq))
             if t > 0:
-                gh = torch.addmm(dHg[t - 1].view(B, D), dz.view(B, D), Xt).view(B, groups, N)
+                g_rows[t - 1].addmm_(dz_rows[t], Xt)
         dh0 = dZ[0] @ Xt
-        H_prev = torch.cat([h0.unsqueeze(0), H[:-1]], dim=0)
-        dX = H_prev.reshape(T * B, D).mT @ dZ.reshape(T * B, D)
-        dbias = (mask.div_(n) * Q).sum(dim=(0, 1, 2))
+        dX = h0.mT @ dZ[0]
+        if T > 1:
+            dX.addmm_(H[:-1].reshape(-1, D).mT, dZ[1:].reshape(-1, D))
+        dbias = (Q.div_(n) * mask).sum(dim=(0, 1, 2))
         return dZ, dX, dbias, dh0, None, None
 
 
