@@ -46,6 +46,7 @@ from recipes.common.models import (
     dry_run,
     load_image_classifier,
     save_model,
+    validate_method_options,
 )
 
 
@@ -172,26 +173,27 @@ def run(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
 
     # ---- everything that can be wrong with the input fails here, before training ----
+    opts = MethodOptions(
+        method=args.method, target_preset=args.target_preset, target_modules=args.target_modules,
+        hta_rank=args.hta_rank, householder=args.householder, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        hra_r=args.hra_r, adapter_dropout=args.adapter_dropout,
+    )
+    validate_method_options(opts)
+    try:
+        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"--model_kwargs is not a JSON object: {err}") from err
     dsd = load_image_dataset(
         args.dataset, config=args.dataset_config, image_column=args.image_column, label_column=args.label_column,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
     )
     label_names = dsd["train"].features["label"].names
     num_labels = len(label_names)
-    try:
-        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    except json.JSONDecodeError as err:
-        raise RecipeError(f"--model_kwargs is not a JSON object: {err}") from err
     loaded = load_image_classifier(
         args.model, num_labels, random_init=args.random_init, model_kwargs=model_kwargs, image_size=args.image_size
     )
     spec = check_image_size(loaded, args.image_size)
     dry_run(loaded, spec, num_labels)
-    opts = MethodOptions(
-        method=args.method, target_preset=args.target_preset, target_modules=args.target_modules,
-        hta_rank=args.hta_rank, householder=args.householder, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        hra_r=args.hra_r, adapter_dropout=args.adapter_dropout,
-    )
     try:
         model = apply_method(loaded, opts)
     except (ValueError, TypeError) as err:  # PEFT / hh_peft config validation
@@ -308,6 +310,14 @@ def run(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if args.method == "hta":  # the adapter's README.md is the HTA card, with this run's results
+            from hh_peft import hub
+
+            hub.install_card_hook()
+            hub.set_card_info(
+                unwrapped, base_model=loaded.base_model, dataset=args.dataset, metrics={"accuracy": test_acc},
+                trainable_params=trainable, num_labels=num_labels, model_family=loaded.family,
+            )
         save_model(loaded, unwrapped, output_dir, args.method)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if not args.no_plot:
@@ -320,25 +330,19 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def push(args, loaded, model, metrics: dict, output_dir: Path) -> str:
-    """Upload the result to ``--hub_model_id``: an HTA adapter with its HTA card, other methods as PEFT/timm/transformers do."""
-    repo_id = args.hub_model_id or output_dir.name
-    results = {"accuracy": metrics["test_accuracy"]}
-    if args.method == "hta":
-        from hh_peft.hub import build_adapter_card
+    """Upload the result to ``--hub_model_id`` (default: the output folder's name).
 
-        model.push_to_hub(repo_id, private=args.hub_private)  # card replaced by ours (hh_peft.hub)
-        card = build_adapter_card(
-            base_model=loaded.base_model, dataset=args.dataset, metrics=results,
-            config=model.peft_config["default"], trainable_params=metrics["trainable_params"],
-        )
-        card.push_to_hub(repo_id)
-    elif args.method in PEFT_METHODS or loaded.family == "transformers":
+    PEFT methods push the adapter (an HTA adapter with its HTA card, see ``hh_peft.hub``); transformers
+    models push themselves; a fully trained timm model is uploaded as its saved folder.
+    """
+    repo_id = args.hub_model_id or output_dir.name
+    if args.method in PEFT_METHODS or loaded.family == "transformers":
         model.push_to_hub(repo_id, private=args.hub_private)
     else:
         from huggingface_hub import HfApi
 
         api = HfApi()
-        api.create_repo(repo_id, exist_ok=True, private=args.hub_private)
+        repo_id = api.create_repo(repo_id, exist_ok=True, private=args.hub_private).repo_id
         api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["checkpoints/*"])
     return repo_id
 

@@ -17,6 +17,7 @@ Built-ins keep their images as ``uint8`` arrays (``Array2D``), which is much fas
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass
@@ -130,10 +131,19 @@ def _array_dataset(images: np.ndarray, labels: np.ndarray, names: Sequence[str])
 
 
 def builtin_dataset(name: str):
-    """One of :data:`BUILTIN_DATASETS` as a ``DatasetDict`` (train / validation / test)."""
+    """One of :data:`BUILTIN_DATASETS` as a ``DatasetDict`` (train / validation / test); built once per process."""
     import datasets
 
     key = _ALIASES.get(name)
+    if key is None:
+        raise RecipeError(f"unknown built-in dataset {name!r}; the built-ins are {', '.join(BUILTIN_DATASETS)}")
+    return datasets.DatasetDict(_builtin_dataset(key))  # a new dict: callers may replace its splits
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_dataset(key: str):
+    import datasets
+
     if key == "fashion_mnist":
         x, y = load_fashion_mnist_arrays("train")
         xt, yt = load_fashion_mnist_arrays("test")
@@ -146,7 +156,7 @@ def builtin_dataset(name: str):
         x, y = load_mnist_5k_arrays()
         parts = stratified_split(y, MNIST_5K_SIZES, MNIST_5K_SPLIT_SEED)
         return datasets.DatasetDict({k: _array_dataset(x[idx], y[idx], DIGIT_CLASSES) for k, idx in parts.items()})
-    raise RecipeError(f"unknown built-in dataset {name!r}; the built-ins are {', '.join(BUILTIN_DATASETS)}")
+    raise AssertionError(key)  # unreachable: builtin_dataset checked the name
 
 
 def _first_line(err: BaseException) -> str:

@@ -273,6 +273,32 @@ class MethodOptions:
     adapter_dropout: float = 0.0
 
 
+def validate_method_options(opts: MethodOptions) -> None:
+    """Everything about the method that can be checked without a model (so it fails before data loading)."""
+    if opts.method not in METHODS:
+        raise RecipeError(f"unknown --method {opts.method!r}; choose one of {', '.join(METHODS)}")
+    if opts.target_modules is None and opts.target_preset not in PRESET_NAMES:
+        raise RecipeError(f"unknown --target_preset {opts.target_preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+    try:
+        if opts.method == "hta":
+            import hh_peft
+
+            hh_peft.HouseholderConfig(target_modules=["x"], lora_rank=opts.hta_rank, householder=opts.householder,
+                                      dropout=opts.adapter_dropout)
+        elif opts.method == "lora":
+            from peft import LoraConfig
+
+            LoraConfig(r=opts.lora_r, target_modules=["x"], lora_dropout=opts.adapter_dropout)
+            if opts.lora_r <= 0:
+                raise ValueError(f"--lora_r must be positive, got {opts.lora_r}")
+        elif opts.method == "hra":
+            from peft import HRAConfig
+
+            HRAConfig(r=opts.hra_r, target_modules=["x"])
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"--method {opts.method}: {str(err).strip().splitlines()[0]}") from err
+
+
 def peft_config(loaded: LoadedModel, opts: MethodOptions):
     """The PEFT config of ``opts.method`` (hta / lora / hra) for this model; the head goes to ``modules_to_save``."""
     targets = resolve_targets(loaded, opts.target_preset, opts.target_modules)

@@ -5,12 +5,12 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fashion_mnist
 from PIL import Image
 
 from recipes.common import RecipeError
 from recipes.common.data import (
     FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
     ImageCollator,
     ImageSpec,
     load_fashion_mnist_arrays,
@@ -19,6 +19,11 @@ from recipes.common.data import (
     stratified_split,
 )
 from recipes.common.metrics import SimpleAccuracy, load_accuracy
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist",
+)
 
 
 def _hashes(ds):
