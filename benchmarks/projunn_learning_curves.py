@@ -6,7 +6,7 @@ rank-1 projUNN reaches the same loss as the full (Cayley) unitary step. Every me
 from the task's generator (online learning: the training loss is an unbiased estimate of the test loss); at the end
 every model is evaluated on one held-out set.
 
-    python benchmarks/projunn_learning_curves.py                  # both tasks, defaults below (~10 min, 2 cores)
+    python benchmarks/projunn_learning_curves.py                  # both tasks: adding 600 steps, copy 200 steps (~10 min)
     python benchmarks/projunn_learning_curves.py --task adding --steps 2000
 
 Writes ``benchmarks/results/projunn_learning_curves.{json,png}``.
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per task, below)")
     parser.add_argument("--adding-steps", type=int, default=600)
-    parser.add_argument("--copy-steps", type=int, default=300)
+    parser.add_argument("--copy-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--adding-length", type=int, default=200)
     parser.add_argument("--adding-hidden", type=int, default=170)
@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--unitary-lr", type=float, default=1e-3, help="learning rate of the manifold step (all methods)")
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1: the recurrence is sequential; more threads only contend")
     parser.add_argument("--out", default=str(RESULTS / "projunn_learning_curves"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
