@@ -23,12 +23,15 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .manifold import manifold_of, mark_manifold
 from .parametrizations import (
+    modrelu,
     modrelu_grouped,
     random_restricted_parameters,
     random_unitary,
+    restricted_unitary_apply,
     restricted_unitary_matrix,
 )
 
@@ -37,6 +40,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["UnitaryRNNCell", "UnitaryRecurrence", "unitary_recurrence", "reference_recurrence", "real_block_matrix"]
 
 RESTRICTED_PARAMETERS = ("theta1", "theta2", "theta3", "reflection1", "reflection2")
+RESTRICTED_FFT_ABOVE = 512
+"""``restricted_apply="auto"`` materialises the restricted W (fused recurrence) up to this many units and
+applies it with FFTs above: forward + backward, batch 20, 100 steps, one CPU thread, the FFT loop
+overtakes the dense step between N = 512 and N = 1024 (N = 512: 324 ms dense, 444 ms FFT; N = 1024:
+1581 ms dense, 724 ms FFT)."""
 PERMUTATION_SEED = 1234
 """Seed of the restricted parametrisation's fixed permutation Pi: the same N always gives the same Pi."""
 
@@ -94,6 +102,7 @@ class UnitaryRecurrence(torch.autograd.Function):
         return H
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dH):
         X, bias, h0, Z, H, n, S = ctx.saved_tensors
         groups = ctx.groups
@@ -239,6 +248,16 @@ class UnitaryRNNCell(nn.Module):
         ref = self.recurrent_weight if self.parametrization == "full" else self.theta1
         return ref.real.dtype if ref.is_complex() else ref.dtype
 
+    @property
+    def uses_fft(self) -> bool:
+        """Whether the restricted W is applied with FFTs every step (O(N log N)) instead of being
+        materialised once per forward and run through the fused recurrence (``config.restricted_apply``;
+        ``"auto"``: FFTs above ``RESTRICTED_FFT_ABOVE`` units)."""
+        if self.parametrization != "restricted":
+            return False
+        mode = getattr(self.config, "restricted_apply", "auto")
+        return mode == "fft" or (mode == "auto" and self.hidden_size > RESTRICTED_FFT_ABOVE)
+
     def forward(self, inputs: torch.Tensor, initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``inputs`` ``(batch, time, input_size)`` real -> (every state ``(batch, time, g*N)``, last state
         ``(batch, g*N)``) as real ``[Re ; Im]`` features. ``initial_state`` ``(batch, g*N)`` overrides h_0."""
@@ -247,20 +266,37 @@ class UnitaryRNNCell(nn.Module):
         batch, steps, _ = inputs.shape
         out_dtype = self.input_weight.dtype
         dtype = self.compute_dtype
-        X = real_block_matrix(self.recurrent_matrix()).to(dtype)
-        # V x_t for every step in one matmul, laid out time-major for the loop
-        u = (inputs.to(out_dtype).transpose(0, 1) @ self.input_weight.mT).to(dtype)
         if initial_state is None:
             h0 = self.initial_state.to(dtype).expand(batch, -1)
         else:
             h0 = initial_state.to(dtype)
-        bias = self.hidden_bias.to(dtype)
         if steps == 0:
-            empty = u.new_zeros(batch, 0, u.shape[-1])
-            return empty.to(out_dtype), h0.to(out_dtype)
+            return inputs.new_zeros(batch, 0, h0.shape[-1], dtype=out_dtype), h0.to(out_dtype)
+        bias = self.hidden_bias.to(dtype)
+        V = self.input_weight.to(dtype)
+        if self.uses_fft:
+            states = self._forward_fft(inputs.to(dtype) @ V.mT, h0, bias).to(out_dtype)
+            return states, states[:, -1]
+        X = real_block_matrix(self.recurrent_matrix()).to(dtype)
+        # V x_t for every step in one matmul, laid out time-major for the loop
+        u = inputs.to(dtype).transpose(0, 1) @ V.mT
         H = unitary_recurrence(u, X, bias, h0, self.eps, self.groups)
         states = H.transpose(0, 1).to(out_dtype)
         return states, states[:, -1]
+
+    def _forward_fft(self, u: torch.Tensor, h0: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The restricted recurrence with W applied by :func:`restricted_unitary_apply` every step, as a
+        plain autograd loop over complex states; ``u`` ``(batch, time, 2N)`` -> states ``(batch, time, 2N)``."""
+        N = self.hidden_size
+        params = [getattr(self, name) for name in RESTRICTED_PARAMETERS]
+        uc = torch.complex(u[..., :N], u[..., N:])
+        h = torch.complex(h0[..., :N], h0[..., N:])
+        states = []
+        for t in range(uc.shape[1]):
+            h = modrelu(restricted_unitary_apply(h, *params, self.permutation) + uc[:, t], bias, self.eps)
+            states.append(h)
+        states = torch.stack(states, dim=1)
+        return torch.cat([states.real, states.imag], dim=-1)
 
     # ------------------------------------------------------------------ manifold tag and dtype safety
     def __setattr__(self, name, value):

@@ -13,6 +13,7 @@ INPUT_EMBEDDINGS = ("one_hot", "embedding")
 OPTIMIZERS = ("cayley", "projunn_d", "projunn_t")
 BASE_OPTIMIZERS = ("rmsprop", "adam")
 PROJUNN_SAMPLINGS = ("lsi", "column")
+RESTRICTED_APPLIES = ("auto", "matrix", "fft")
 
 
 def _check_choice(name: str, value, valid: tuple) -> None:
@@ -43,6 +44,10 @@ class UnitaryRNNConfig(PreTrainedConfig):
             `"full"`: W is one N x N complex parameter (full capacity, Wisdom et al.), kept on the
             manifold by the optimizer. `"restricted"`: W = D3 R2 F^-1 D2 Pi R1 F D1 with 7N real
             parameters (Arjovsky et al.).
+        restricted_apply (`str`, defaults to `"auto"`):
+            How the restricted W is applied: `"matrix"` (materialised once per forward, then the fused
+            real recurrence: fastest for small N), `"fft"` (O(N log N) FFTs every step), or `"auto"`
+            (`"matrix"` up to N = 512, `"fft"` above; the crossover measured on CPU).
         field (`str`, defaults to `"complex"`):
             `"complex"`: unitary RNN. `"real"`: orthogonal RNN, real state and real W in O(N) (as trained in
             the projUNN paper); only with `parametrization="full"`.
@@ -87,6 +92,7 @@ class UnitaryRNNConfig(PreTrainedConfig):
     hidden_size: int = 128
     num_hidden_layers: int = 1
     parametrization: str = "full"
+    restricted_apply: str = "auto"
     field: str = "complex"
     nonlinearity: str = "modrelu"
     modrelu_eps: float = 1e-8
@@ -105,6 +111,7 @@ class UnitaryRNNConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         _check_choice("parametrization", self.parametrization, PARAMETRIZATIONS)
+        _check_choice("restricted_apply", self.restricted_apply, RESTRICTED_APPLIES)
         _check_choice("field", self.field, FIELDS)
         _check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
         _check_choice("input_embedding", self.input_embedding, INPUT_EMBEDDINGS)

@@ -182,3 +182,38 @@ def test_real_w_keeps_float32_under_narrow_casts():
     assert cell.recurrent_weight.dtype == torch.float32 and manifold_of(cell.recurrent_weight) == "orthogonal"
     cell.double()
     assert cell.recurrent_weight.dtype == torch.float64
+
+
+def test_restricted_fft_path_equals_matrix_path():
+    """restricted_apply="fft" (O(N log N) per step) and "matrix" (materialised W, fused loop) agree."""
+    torch.manual_seed(0)
+    fft = _cell(parametrization="restricted", restricted_apply="fft").double()
+    dense = _cell(parametrization="restricted", restricted_apply="matrix").double()
+    dense.load_state_dict(fft.state_dict())
+    assert fft.uses_fft and not dense.uses_fft
+    x = torch.randn(2, 8, 3, dtype=torch.float64)
+    (a, a_last), (b, b_last) = fft(x), dense(x)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(a_last, b_last)
+    w = torch.randn_like(a)
+    ga = torch.autograd.grad((a * w).sum(), list(fft.parameters()))
+    gb = torch.autograd.grad((b * w).sum(), list(dense.parameters()))
+    for (name, _), x1, x2 in zip(fft.named_parameters(), ga, gb):
+        torch.testing.assert_close(x1, x2, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_restricted_auto_switches_to_fft_for_large_n():
+    from unitary_rnn.cells import RESTRICTED_FFT_ABOVE
+
+    assert not _cell(parametrization="restricted").uses_fft
+    big = UnitaryRNNCell(UnitaryRNNConfig(input_size=1, hidden_size=RESTRICTED_FFT_ABOVE + 1, parametrization="restricted"))
+    assert big.uses_fft
+    assert not _cell(restricted_apply="fft").uses_fft  # only the restricted parametrisation has an FFT form
+
+
+def test_fused_backward_refuses_double_backward():
+    u, X, b, h0 = _problem(2, T=3)
+    H = unitary_recurrence(u, X, b, h0, 1e-8, 2)
+    (gX,) = torch.autograd.grad(H.sum(), X, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gX.sum().backward()

@@ -47,6 +47,7 @@ def test_config_defaults_and_resolution():
     [
         (dict(parametrization="givens"), r"parametrization='givens'.*'full', 'restricted'"),
         (dict(field="quaternion"), r"'complex', 'real'"),
+        (dict(restricted_apply="loop"), r"'auto', 'matrix', 'fft'"),
         (dict(nonlinearity="tanh"), r"'modrelu'"),
         (dict(unitary_init="zeros"), r"'identity', 'random', 'restricted'"),
         (dict(input_embedding="linear"), r"'one_hot', 'embedding'"),

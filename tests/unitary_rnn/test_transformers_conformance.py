@@ -205,6 +205,12 @@ class UnitaryRNNRestrictedConformanceTest(_UnitaryRNNConformance, unittest.TestC
     config_kwargs = {"parametrization": "restricted"}
 
 
+class UnitaryRNNRestrictedFFTConformanceTest(_UnitaryRNNConformance, unittest.TestCase):
+    """Restricted-capacity uRNN applied with FFTs every step (the large-N path)."""
+
+    config_kwargs = {"parametrization": "restricted", "restricted_apply": "fft"}
+
+
 class OrthogonalRNNConformanceTest(_UnitaryRNNConformance, unittest.TestCase):
     """Real orthogonal RNN (field='real')."""
 
