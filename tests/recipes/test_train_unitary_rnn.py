@@ -1,0 +1,68 @@
+"""recipes/train_unitary_rnn.py on tiny settings: every task, optimizer and the LSTM baseline."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from recipes import train_unitary_rnn
+
+TINY = ["--hidden_size", "8", "--batch_size", "8", "--eval_batches", "1", "--quiet", "--no_plot", "--threads", "1"]
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "out"
+    return out, train_unitary_rnn.main([*TINY, "--output_dir", str(out), *extra])
+
+
+@pytest.mark.parametrize("optimizer", ["cayley", "projunn_d", "projunn_t"])
+def test_copy_task_stays_unitary_and_saves_a_loadable_model(tmp_path, optimizer):
+    from transformers import AutoModelForTokenClassification
+
+    import unitary_rnn  # noqa: F401
+
+    out, m = _run(tmp_path, "--task", "copy", "--seq_len", "4", "--optimizer", optimizer, "--rank", "2",
+                  "--max_train_steps", "5", "--unitary_lr", "1e-2")
+    assert m["steps"] == 5 and m["unitarity_error"] < 1e-4
+    assert m["baseline_loss"] == pytest.approx(10 * __import__("math").log(8) / 24)
+    assert {"config.json", "model.safetensors", "modeling_unitary_rnn.py", "README.md"} <= {p.name for p in out.iterdir()}
+    model = AutoModelForTokenClassification.from_pretrained(out)
+    assert model.config.optimizer == optimizer and model.config.projunn_rank == 2
+
+
+def test_adding_task_restricted_and_lstm(tmp_path):
+    _, urnn = _run(tmp_path, "--task", "adding", "--seq_len", "10", "--parametrization", "restricted",
+                   "--max_train_steps", "3")
+    assert urnn["eval_accuracy"] is None and urnn["eval_loss"] > 0 and urnn["parametrization"] == "restricted"
+    out, lstm = _run(tmp_path, "--task", "adding", "--seq_len", "10", "--model", "lstm", "--max_train_steps", "3")
+    assert lstm["optimizer"] == "rmsprop" and "lstm.weight_hh_l0" in load_file(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["model"] == "lstm"
+
+
+@pytest.mark.slow
+def test_permuted_pixel_mnist_and_learning(tmp_path):
+    _, m = _run(tmp_path, "--task", "permuted_pixel_mnist", "--dataset", "mnist_5k", "--max_train_steps", "2",
+                "--train_samples", "16")
+    assert m["seq_len"] == 784 and 0.0 <= m["eval_accuracy"] <= 1.0
+    _, copy = _run(tmp_path, "--task", "copy", "--seq_len", "3", "--max_train_steps", "150", "--lr", "1e-2",
+                   "--unitary_lr", "1e-2", "--hidden_size", "16", "--eval_batches", "4")
+    assert copy["eval_loss"] < copy["history"]["eval_loss"][0]  # it learns
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task", "parity"], "unknown --task 'parity'"),
+        (["--task", "pixel_mnist", "--dataset", "cifar10"], "unknown --dataset 'cifar10'"),
+        (["--model", "gru"], "unknown --model 'gru'"),
+        (["--optimizer", "sgd"], "optimizer='sgd' is not valid"),
+        (["--field", "real", "--parametrization", "restricted"], "field='real'"),
+    ],
+)
+def test_bad_input(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path, "--max_train_steps", "1", *extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
