@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain_steps", type=int, default=400)
     p.add_argument("--pretrain_batch_size", type=int, default=128)
     p.add_argument("--pretrain_lr", type=float, default=1e-3)
+    p.add_argument("--max_eval_samples", type=int, default=None, help="cap the validation/test images (quick checks)")
     p.add_argument("--cache_dir", default=str(ROOT / ".cache" / "main_job"))
     p.add_argument("--output_dir", default="outputs/main_job")
     p.add_argument("--seed", type=int, default=0)
@@ -92,7 +93,7 @@ def pretrained_backbone(args) -> tuple[Path, dict | None]:
         "--model", BACKBONE, "--random_init", "--model_kwargs", json.dumps(BACKBONE_KWARGS),
         "--dataset", args.pretrain_dataset, "--method", "full", "--max_train_steps", str(args.pretrain_steps),
         "--batch_size", str(args.pretrain_batch_size), "--lr", str(args.pretrain_lr), "--weight_decay", "0.05",
-        "--max_eval_samples", "2000", "--output_dir", str(folder), "--seed", str(args.seed), "--no_plot",
+        "--max_eval_samples", str(args.max_eval_samples or 2000), "--output_dir", str(folder), "--seed", str(args.seed), "--no_plot",
     ]
     metrics = finetune(_finetune_args(argv, args))
     return folder, metrics
@@ -145,6 +146,8 @@ def main(argv=None) -> list[dict]:
                 "--output_dir", str(out / method), "--seed", str(args.seed), "--eval_epochs", str(max(1.0, args.epochs / 2)),
                 *METHOD_ARGS[method],
             ]
+            if args.max_eval_samples:
+                argv += ["--max_eval_samples", str(args.max_eval_samples)]
             if args.image_size:
                 argv += ["--image_size", str(args.image_size)]
             metrics = finetune(_finetune_args(argv, args))
