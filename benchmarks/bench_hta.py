@@ -29,6 +29,7 @@ What is measured:
 Prints a markdown table and writes ``benchmarks/results/bench_hta.{json,png}``.
 
     python benchmarks/bench_hta.py                  # vit_small_patch16_224, batch 8 at 224, 2 threads, 3 rounds
+                                                    # of (1 warm-up + 3 timed steps); OMP_WAIT_POLICY=PASSIVE
     python benchmarks/bench_hta.py --quick          # smoke run: vit_tiny, batch 2, 1 round, 2 steps
     python benchmarks/bench_hta.py --configs floor lora_r8 hta --rounds 5
 """
@@ -309,15 +310,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--depth", type=int, default=None, help="override the number of blocks (smoke tests)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
     parser.add_argument("--rounds", type=int, default=None, help="round-robin rounds over all configurations (default 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per round (default 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per round (default 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default 3)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, metavar="CONFIG",
                         help=f"subset to run (default all): {' '.join(CONFIGS)}")
     parser.add_argument("--out", default=str(RESULTS / "bench_hta"), help="output path without suffix")
     args = parser.parse_args(argv)
     defaults = (
         dict(model="vit_tiny_patch16_224", img_size=224, batch=2, rounds=1, warmup=1, steps=2) if args.quick
-        else dict(model="vit_small_patch16_224", img_size=224, batch=8, rounds=3, warmup=2, steps=5)
+        else dict(model="vit_small_patch16_224", img_size=224, batch=8, rounds=3, warmup=1, steps=3)
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -334,6 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tqdm import tqdm
 
+    # Idle OpenMP threads sleep instead of spinning: on a shared, oversubscribed machine spinning workers wait on
+    # descheduled peers and a 2-thread step ran ~2x slower than with PASSIVE here. Inherited by the forkserver.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "timm", "peft", "hh_peft", "torch.nn.functional"])
     load_before = os.getloadavg()
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "setting": setting,
         "model": args.model, "depth": args.depth, "img_size": args.img_size, "batch": args.batch, "num_classes": args.num_classes,
-        "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
+        "threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
         "target_modules": TARGET_MODULES,
         "torch": next(iter(raw.values()))[0]["torch"], "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
