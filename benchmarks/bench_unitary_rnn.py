@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
     else:
         print("Cayley step: " + result["cayley"])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_unitary_rnn" + ("_quick" if args.quick else "")
+    stem = "bench_unitary_rnn" + ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_plot:
         plot(result, args.out / f"{stem}.png")

@@ -76,6 +76,7 @@ class UnitaryRecurrence(torch.autograd.Function):
         T, B, D = u.shape
         N = D // groups
         one = torch.ones((), dtype=u.dtype, device=u.device)
+        eps_t = torch.full((), eps, dtype=u.dtype, device=u.device)
         Z = u.clone()  # z_t = u_t + h_{t-1} X, accumulated in place: no per-step allocation or copy
         H = torch.empty_like(u)
         norms = u.new_empty(T, B, 1, N)  # n_t = sqrt(sum_g z^2 + eps), kept for the backward
@@ -89,11 +90,10 @@ class UnitaryRecurrence(torch.autograd.Function):
         h = h0
         for t in range(T):
             z_rows[t].addmm_(h, X)
-            n = n_rows[t]
-            torch.mul(z_parts[0][t], z_parts[0][t], out=n)
+            n = torch.addcmul(eps_t, z_parts[0][t], z_parts[0][t], out=n_rows[t])
             if groups == 2:
                 n.addcmul_(z_parts[1][t], z_parts[1][t])
-            n.add_(eps).sqrt_()
+            n.sqrt_()
             s = torch.addcdiv(one, bias, n, out=s_rows[t]).clamp_min_(0)  # relu(n + b) / n = relu(1 + b / n)
             torch.mul(z_groups[t], s, out=h_groups[t])
             h = h_rows[t]
