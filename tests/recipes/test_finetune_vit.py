@@ -45,7 +45,6 @@ def test_hta_run_writes_adapter_metrics_and_curves(tmp_path):
     assert "hta" in (out / "README.md").read_text()  # the HTA card (hh_peft.hub)
 
 
-@pytest.mark.slow
 def test_lora_and_linear_parameter_counts(tmp_path):
     _, lora = _run(tmp_path, "--method", "lora", "--lora_r", "2", "--target_preset", "qkv", "--max_train_steps", "2",
                    "--no_plot", name="lora")
@@ -55,7 +54,6 @@ def test_lora_and_linear_parameter_counts(tmp_path):
     assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}  # a timm folder
 
 
-@pytest.mark.slow
 def test_training_reduces_the_loss(tmp_path):
     _, m = _run(tmp_path, "--method", "full", "--max_train_steps", "40", "--lr", "1e-3", "--no_plot",
                 "--warmup_ratio", "0")
@@ -63,7 +61,6 @@ def test_training_reduces_the_loss(tmp_path):
     assert sum(loss[-10:]) / 10 < sum(loss[:10]) / 10
 
 
-@pytest.mark.slow
 def test_resume_continues_without_losing_steps(tmp_path):
     common = ["--method", "hta", "--max_train_steps", "6", "--no_plot", "--adapter_dropout", "0.1"]
     straight, m1 = _run(tmp_path, *common, "--checkpointing_steps", "3", name="straight")
@@ -120,7 +117,6 @@ def test_image_size_the_model_cannot_take(tmp_path):
         finetune_vit.run(args)
 
 
-@pytest.mark.slow
 def test_local_timm_folder_and_resume_errors(tmp_path):
     folder = _tiny_timm_folder(tmp_path)
     argv = ["--model", str(folder), "--dataset", "mnist_5k", "--method", "hta", "--max_train_steps", "2",
@@ -132,7 +128,6 @@ def test_local_timm_folder_and_resume_errors(tmp_path):
                                                                  "--output_dir", str(tmp_path / "empty")]))
 
 
-@pytest.mark.slow
 def test_transformers_vit_presets(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
 
