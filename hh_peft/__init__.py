@@ -8,6 +8,7 @@ and every other PEFT entry point accept a `HouseholderConfig`.
 from peft.utils import register_peft_method
 
 from .config import HouseholderConfig
+from .hub import adapter_card_for, install_card_hook, set_card_info
 from .functional import delta_weight, householder_apply, householder_coefficient, hta_activation_delta, hta_factors
 from .layer import Conv2d, HouseholderLayer, Linear
 from .model import HouseholderModel
@@ -20,6 +21,8 @@ __all__ = [
     "HouseholderLayer",
     "HouseholderModel",
     "Linear",
+    "adapter_card_for",
+    "set_card_info",
     "delta_weight",
     "householder_apply",
     "householder_coefficient",
@@ -28,3 +31,6 @@ __all__ = [
 ]
 
 register_peft_method(name=HTA_METHOD_NAME, config_cls=HouseholderConfig, model_cls=HouseholderModel)
+# PeftModel.push_to_hub goes through transformers' hub mixin, which replaces PEFT's card with a generic one
+# (library_name: transformers, no base_model); for models whose adapters are all HTA, write ours instead.
+install_card_hook()
