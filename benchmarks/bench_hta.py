@@ -28,8 +28,9 @@ What is measured:
 
 Prints a markdown table and writes ``benchmarks/results/bench_hta.{json,png}``.
 
-    python benchmarks/bench_hta.py                  # vit_small_patch16_224, batch 8 at 224, 2 threads, 3 rounds
-                                                    # of (1 warm-up + 3 timed steps); OMP_WAIT_POLICY=PASSIVE
+    python benchmarks/bench_hta.py                  # vit_small_patch16_224, batch 8 at 224, 2 threads, 4 rounds
+                                                    # of (1 warm-up + 2 timed steps; inference 6 forwards);
+                                                    # OMP_WAIT_POLICY=PASSIVE
     python benchmarks/bench_hta.py --quick          # smoke run: vit_tiny, batch 2, 1 round, 2 steps
     python benchmarks/bench_hta.py --configs floor lora_r8 hta --rounds 5
 """
@@ -162,7 +163,7 @@ def run_config(config: str, opts: dict) -> dict:
     for _ in range(opts["warmup"]):
         step()
     times = []
-    for _ in range(opts["steps"]):
+    for _ in range(opts["infer_steps"] if config in INFER_CONFIGS else opts["steps"]):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
@@ -309,21 +310,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--depth", type=int, default=None, help="override the number of blocks (smoke tests)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker")
-    parser.add_argument("--rounds", type=int, default=None, help="round-robin rounds over all configurations (default 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="round-robin rounds over all configurations (default 4)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per round (default 1)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per round (default 2)")
+    parser.add_argument("--infer-steps", type=int, default=None,
+                        help="timed forwards per round of the inference rows (default 3x --steps: they are short)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, metavar="CONFIG",
                         help=f"subset to run (default all): {' '.join(CONFIGS)}")
     parser.add_argument("--out", default=str(RESULTS / "bench_hta"), help="output path without suffix")
     args = parser.parse_args(argv)
     defaults = (
         dict(model="vit_tiny_patch16_224", img_size=224, batch=2, rounds=1, warmup=1, steps=2) if args.quick
-        else dict(model="vit_small_patch16_224", img_size=224, batch=8, rounds=3, warmup=1, steps=3)
+        else dict(model="vit_small_patch16_224", img_size=224, batch=8, rounds=4, warmup=1, steps=2)
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("img_size", "batch", "rounds", "steps", "threads", "num_classes"):
+    if args.infer_steps is None:
+        args.infer_steps = 3 * args.steps
+    for key in ("img_size", "batch", "rounds", "steps", "infer_steps", "threads", "num_classes"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0:
@@ -331,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.depth is not None and args.depth < 1:
         parser.error(f"--depth must be >= 1, got {args.depth}")
     opts = dict(model=args.model, img_size=args.img_size, batch=args.batch, num_classes=args.num_classes, depth=args.depth,
-                threads=args.threads, warmup=args.warmup, steps=args.steps)
+                threads=args.threads, warmup=args.warmup, steps=args.steps,
+                infer_steps=args.infer_steps)
 
     from tqdm import tqdm
 
@@ -358,8 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = make_table(summary)
     checks = check_targets(summary)
     setting = (f"timm {args.model}{'' if args.depth is None else f' (depth {args.depth})'} (random weights), batch {args.batch} at {args.img_size}, {args.threads} threads, "
-               f"AdamW; {args.rounds} interleaved rounds x ({args.warmup} warm-up + {args.steps} timed steps), "
-               f"median")
+               f"AdamW; {args.rounds} interleaved rounds x ({args.warmup} warm-up + {args.steps} timed steps; inference "
+               f"{args.infer_steps} forwards), median")
     print(f"\n{setting}\n")
     print(table)
     if "hta" in summary and "hta_dropout" in summary:
@@ -374,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "setting": setting,
         "model": args.model, "depth": args.depth, "img_size": args.img_size, "batch": args.batch, "num_classes": args.num_classes,
-        "threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
+        "threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps, "infer_steps": args.infer_steps,
         "target_modules": TARGET_MODULES,
         "torch": next(iter(raw.values()))[0]["torch"], "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),

@@ -21,7 +21,7 @@ def test_quick_run_writes_every_configuration_with_finite_numbers(tmp_path):
     out = tmp_path / "bench_hta"
     subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--img-size", "32", "--depth", "1", "--num-classes", "10", "--threads", "1",
-         "--warmup", "0", "--steps", "1", "--out", str(out)],
+         "--warmup", "0", "--steps", "1", "--infer-steps", "1", "--out", str(out)],
         check=True, timeout=300, capture_output=True, text=True,
     )
     payload = json.loads(out.with_suffix(".json").read_text())
