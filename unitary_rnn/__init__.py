@@ -53,3 +53,8 @@ __all__ = [
     "restricted_unitary_matrix",
     "unitarity_error",
 ]
+
+# push_to_hub of our models uploads config, safetensors weights, the exported code and our model card
+from .hub import install_card_hook as _install_card_hook  # noqa: E402
+
+_install_card_hook()
