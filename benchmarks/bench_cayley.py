@@ -28,14 +28,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import json  # noqa: E402
-import math  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_common import fit_exponent, pyplot, time_call, write_results  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from unitary_rnn.manifold import mark_manifold, project_to_unitary  # noqa: E402
@@ -45,20 +43,6 @@ from unitary_rnn.parametrizations import random_unitary  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 LR = 1e-3
 METHODS = ("optimizer", "optimizer+rms", "cayley_step", "inverse", "numpy", "reproject/100")
-
-
-def time_call(fn, repeats: int, min_time: float) -> float:
-    """Median wall time (s) of ``fn()`` over at least ``repeats`` runs (more while the total is below
-    ``min_time``), after one warm-up call."""
-    fn()
-    times: list[float] = []
-    while len(times) < repeats or sum(times) < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
 
 
 def cayley_inverse(W: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
@@ -73,13 +57,6 @@ def cayley_numpy(W: np.ndarray, G: np.ndarray, lr: float) -> np.ndarray:
     A = G @ W.conj().T - W @ G.conj().T
     eye = np.eye(W.shape[0], dtype=W.dtype)
     return np.linalg.solve(eye + np.complex64(lr / 2) * A, (eye - np.complex64(lr / 2) * A) @ W)
-
-
-def fit_exponent(sizes: list[int], times: list[float]) -> float:
-    """Least-squares slope of log(time) against log(N)."""
-    xs, ys = [math.log(n) for n in sizes], [math.log(t) for t in times]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def bench_size(n: int, repeats: int, min_time: float, skip_slow_above: int) -> dict[str, float]:
@@ -100,23 +77,19 @@ def bench_size(n: int, repeats: int, min_time: float, skip_slow_above: int) -> d
 
     reps = 1 if n > skip_slow_above else repeats
     mt = 0.0 if n > skip_slow_above else min_time
-    out["optimizer"] = time_call(optimizer_step(False), repeats, min_time)
-    out["optimizer+rms"] = time_call(optimizer_step(True), reps, mt)
-    out["cayley_step"] = time_call(lambda: cayley_step(W0, G, LR), repeats, min_time)
-    out["inverse"] = time_call(lambda: cayley_inverse(W0, G, LR), reps, mt)
+    out["optimizer"] = time_call(optimizer_step(False), repeats, min_time, max_runs=200)[0]
+    out["optimizer+rms"] = time_call(optimizer_step(True), reps, mt, max_runs=200)[0]
+    out["cayley_step"] = time_call(lambda: cayley_step(W0, G, LR), repeats, min_time, max_runs=200)[0]
+    out["inverse"] = time_call(lambda: cayley_inverse(W0, G, LR), reps, mt, max_runs=200)[0]
     Wn, Gn = W0.numpy(), G.numpy()
-    out["numpy"] = time_call(lambda: cayley_numpy(Wn, Gn, LR), repeats, min_time)
-    out["reproject/100"] = time_call(lambda: project_to_unitary(W0), reps, mt) / 100
+    out["numpy"] = time_call(lambda: cayley_numpy(Wn, Gn, LR), repeats, min_time, max_runs=200)[0]
+    out["reproject/100"] = time_call(lambda: project_to_unitary(W0), reps, mt, max_runs=200)[0] / 100
     return out
 
 
-def plot(results: dict[int, dict[str, float]], threads: int, path: Path) -> None:
-    """Log-log time per step against N, and the same-run ratios."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict[int, dict[str, float]], threads: int):
+    """Log-log time per step against N, and the same-run ratios (a matplotlib figure)."""
+    plt = pyplot()
     sizes = sorted(results)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for m in METHODS:
@@ -134,9 +107,7 @@ def plot(results: dict[int, dict[str, float]], threads: int, path: Path) -> None
         a.set_xticks(sizes, [str(n) for n in sizes])
         a.minorticks_off()
         a.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main() -> None:
@@ -154,7 +125,7 @@ def main() -> None:
         record = json.loads((args.out / "bench_cayley.json").read_text())
         ms = record["ms_per_step"]
         results = {int(n): {m: ms[m][n] / 1e3 for m in METHODS} for n in ms["optimizer"]}
-        plot(results, record["threads"], args.out / "bench_cayley.png")
+        write_results(args.out / "bench_cayley", record, plot(results, record["threads"]))  # the same JSON back
         return
     torch.set_num_threads(args.threads)
 
@@ -162,7 +133,7 @@ def main() -> None:
     for n in tqdm(args.sizes, desc="N"):
         results[n] = bench_size(n, args.repeats, args.min_time, args.skip_slow_above)
 
-    header = f"| N | " + " | ".join(f"{m} (ms)" for m in METHODS) + " | optimizer / numpy | inverse / solve |"
+    header = "| N | " + " | ".join(f"{m} (ms)" for m in METHODS) + " | optimizer / numpy | inverse / solve |"
     lines = [header, "|" + "---|" * (len(METHODS) + 3)]
     for n, r in results.items():
         cells = [str(n)] + [f"{1e3 * r[m]:.1f}" for m in METHODS]
@@ -176,7 +147,6 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "dtype": "complex64", "lr": LR, "threads": args.threads, "torch": torch.__version__, "numpy": np.__version__,
         "machine": platform.machine(), "processor": platform.processor(),
@@ -188,10 +158,7 @@ def main() -> None:
         "design_reference_numpy_ms": {"1024": 694, "2048": 4023},
         "table": table,
     }
-    (args.out / "bench_cayley.json").write_text(json.dumps(record, indent=2) + "\n")
-
-    plot(results, args.threads, args.out / "bench_cayley.png")
-    print(f"wrote {args.out / 'bench_cayley.json'} and {args.out / 'bench_cayley.png'}")
+    write_results(args.out / "bench_cayley", record, plot(results, args.threads))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ against Cayley, fitted log-log exponents) and writes ``benchmarks/results/bench_
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_common import fit_exponent, pyplot, time_call, write_results
 from tqdm import tqdm
 
 from unitary_rnn.optim import cayley_step
@@ -28,27 +26,6 @@ from unitary_rnn.parametrizations import random_unitary
 from unitary_rnn.projunn import projunn_direct_step, projunn_tangent_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def time_step(fn, repeats: int, min_time: float) -> tuple[float, float, int]:
-    """Wall time (s) of ``fn()`` over ``repeats`` runs (more while the total is under ``min_time``), after one
-    warm-up call. Returns (median, minimum, number of timed runs)."""
-    fn()
-    times: list[float] = []
-    while len(times) < repeats or sum(times) < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 1000:
-            break
-    return statistics.median(times), min(times), len(times)
-
-
-def fit_exponent(sizes: list[int], times: list[float]) -> float:
-    """Least-squares slope of log(time) against log(N)."""
-    xs, ys = [math.log(n) for n in sizes], [math.log(t) for t in times]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def make_table(results: dict, methods: list[str], sizes: list[int], key: str, exponents: dict) -> str:
@@ -103,7 +80,7 @@ def main() -> None:
                     t = t_min = time.perf_counter() - t0
                     runs = 1
                 else:
-                    t, t_min, runs = time_step(fn, args.repeats, args.min_time)
+                    t, t_min, runs = time_call(fn, args.repeats, args.min_time)
             else:
                 variant, k = m.split("_")[1], int(m.split("_k")[1])
                 step = projunn_tangent_step if variant == "t" else projunn_direct_step
@@ -111,7 +88,7 @@ def main() -> None:
                     fn = lambda: step(W, G, lr, k, args.sampling, generator=gen)  # noqa: E731
                 else:  # in place, like an optimizer writing into its parameter: W_work <- step(W_work)
                     fn = lambda: step(W_work, G, lr, k, args.sampling, generator=gen, out=W_work)  # noqa: E731
-                t, t_min, runs = time_step(fn, args.repeats, args.min_time)
+                t, t_min, runs = time_call(fn, args.repeats, args.min_time)
             results[m][n] = {"seconds": t, "min_seconds": t_min, "runs": runs}
             tqdm.write(f"N={n:5d} {m:14s} median {1e3 * t:10.2f} ms, min {1e3 * t_min:10.2f} ms ({runs} runs)")
 
@@ -128,7 +105,6 @@ def main() -> None:
     exponents, table = exponents_by["median"], tables["median"]
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "dtype": "complex64", "threads": args.threads, "sampling": args.sampling, "lr": lr,
         "projunn_in_place": not args.projunn_out_of_place,
@@ -146,13 +122,7 @@ def main() -> None:
         "table_markdown": table,
         "table_markdown_min": tables["minimum"],
     }
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-
-    import matplotlib  # noqa: E402  (only needed at the end)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for m, r in results.items():
         ns = sorted(r)
@@ -162,10 +132,7 @@ def main() -> None:
     ax.set_title(f"Unitary optimizer step, complex64, {args.threads} CPU thread(s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
-
+    write_results(out, payload, fig)
 
 if __name__ == "__main__":
     main()

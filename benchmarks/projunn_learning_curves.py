@@ -15,12 +15,12 @@ Writes ``benchmarks/results/projunn_learning_curves.{json,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
+from bench_common import pyplot, write_results
 from tqdm import tqdm
 
 from unitary_rnn import UnitaryRNNConfig, UnitaryRNNForSequenceClassification, UnitaryRNNForTokenClassification
@@ -146,16 +146,8 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"settings": vars(args), "results": results, "table_markdown": table}
-    out.with_suffix(".json").write_text(json.dumps(payload) + "\n")
-
-    import matplotlib  # noqa: E402  (only needed at the end)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
     for ax, (task_name, r) in zip(axes[0], results.items()):
         for m, run in r["runs"].items():
@@ -170,9 +162,7 @@ def main() -> None:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    write_results(Path(args.out), payload, fig, indent=None)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -35,6 +33,14 @@ import torch.nn.functional as F
 from recipes.common import RecipeError
 from recipes.common.data import BUILTIN_DATASETS, ImageCollator, load_image_dataset, loader_view
 from recipes.common.metrics import load_accuracy
+from recipes.common.training import (
+    TrainState,
+    checkpoint_folder,
+    plot_training_curves,
+    replica_max_abs_diff,
+    resume_from_checkpoint,
+    run_recipe,
+)
 from recipes.common.models import (
     METHODS,
     PEFT_METHODS,
@@ -99,21 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class TrainState:
-    """Step counter and history, saved in every checkpoint (``accelerator.register_for_checkpointing``)."""
-
-    def __init__(self):
-        self.step = 0
-        self.history: dict[str, list] = {"step": [], "loss": [], "lr": [], "eval_step": [], "val_accuracy": []}
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "history": json.dumps(self.history)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.history = json.loads(state["history"])
-
-
 def evaluate_accuracy(accelerator, loaded, model, loader, metric) -> float:
     """Accuracy over the whole split, gathered across processes (duplicates of the last batch dropped)."""
     model.eval()
@@ -124,34 +115,6 @@ def evaluate_accuracy(accelerator, loaded, model, loader, metric) -> float:
             metric.add_batch(predictions=preds.cpu().numpy(), references=refs.cpu().numpy())
     model.train()
     return float(metric.compute()["accuracy"])
-
-
-def replica_max_abs_diff(accelerator, model) -> float:
-    """max |theta_rank - theta_0| over the trainable parameters and all processes (0.0 when all agree)."""
-    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters() if p.requires_grad])
-    gathered = accelerator.gather(flat[None])  # [num_processes, P]
-    return float((gathered - gathered[:1]).abs().max())
-
-
-def _latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return ckpts[-1] if ckpts else None
-
-
-def plot_curves(history: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot(history["step"], history["loss"], lw=0.8)
-    ax[0].set(xlabel="step", ylabel="training loss", yscale="log", title=title)
-    ax[1].plot(history["eval_step"], history["val_accuracy"], marker="o")
-    ax[1].set(xlabel="step", ylabel="validation accuracy", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -232,15 +195,11 @@ def run(args: argparse.Namespace) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     with accelerator.main_process_first():  # the metric module is compiled into a shared cache once
         metric = load_accuracy()
-    state = TrainState()
+    state = TrainState(("step", "loss", "lr", "eval_step", "val_accuracy"))
     accelerator.register_for_checkpointing(state)
 
     if args.resume_from_checkpoint:
-        ckpt = _latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
-        if ckpt is None or not ckpt.is_dir():
-            raise RecipeError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder")
-        accelerator.load_state(str(ckpt))
-        accelerator.print(f"resumed from {ckpt} at step {state.step}")
+        resume_from_checkpoint(accelerator, output_dir, args.resume_from_checkpoint, state)
 
     from tqdm.auto import tqdm
 
@@ -277,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
                 state.history["val_accuracy"].append(acc)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", val_acc=f"{acc:.4f}")
             if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-                accelerator.save_state(str(output_dir / "checkpoints" / f"step_{state.step}"))
+                accelerator.save_state(str(checkpoint_folder(output_dir, state.step)))
             if state.step >= total_steps or (updates_per_epoch and state.step % updates_per_epoch == 0):
                 break
     progress.close()
@@ -321,7 +280,8 @@ def run(args: argparse.Namespace) -> dict:
         save_model(loaded, unwrapped, output_dir, args.method)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if not args.no_plot:
-            plot_curves(state.history, output_dir / "training_curves.png", f"{args.method} on {args.dataset}")
+            plot_training_curves(output_dir / "training_curves.png", f"{args.method} on {args.dataset}", state.history,
+                                 accuracy_key="val_accuracy", loss_scale="log")
         if args.push_to_hub:
             push(args, loaded, unwrapped, metrics, output_dir)
     accelerator.wait_for_everyone()
@@ -348,14 +308,7 @@ def push(args, loaded, model, metrics: dict, output_dir: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
+    return run_recipe(build_parser(), run, argv)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,14 @@ import torch
 from torch import nn
 
 from recipes.common import RecipeError
+from recipes.common.training import (
+    TrainState,
+    checkpoint_folder,
+    plot_training_curves,
+    replica_max_abs_diff,
+    resume_from_checkpoint,
+    run_recipe,
+)
 
 TASKS = ("copy", "adding", "pixel_mnist", "permuted_pixel_mnist")
 MODELS = ("urnn", "lstm")
@@ -59,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output_dir", default="outputs/unitary_rnn")
+    p.add_argument("--checkpointing_steps", type=int, default=None, help="save the training state every N steps")
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoints/step_N folder, or 'latest'")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--no_plot", action="store_true")
@@ -188,21 +197,15 @@ def evaluate(accelerator, model, loader, kind: str) -> dict:
     return result
 
 
-def replica_max_abs_diff(accelerator, model) -> float:
-    """max |theta_rank - theta_0| over every trainable parameter (complex ones as real pairs) and process."""
-    flat = torch.cat([(torch.view_as_real(p) if p.is_complex() else p).detach().reshape(-1).double()
-                      for p in model.parameters() if p.requires_grad])
-    gathered = accelerator.gather(flat[None])
-    return float((gathered - gathered[:1]).abs().max())
-
-
 def run(args) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+                              project_config=ProjectConfiguration(project_dir=str(output_dir)))
     set_seed(args.seed)
     task, train_ds, eval_ds, kind = build_task(args)
     model = build_model(args, task, kind)
@@ -218,38 +221,49 @@ def run(args) -> dict:
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                                generator=torch.Generator().manual_seed(args.seed))
     eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=args.batch_size)
+    if len(train_loader) == 0:
+        raise RecipeError(f"the training set has {len(train_ds)} sequences, fewer than one batch of {args.batch_size}")
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     trainable = sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters() if p.requires_grad)
     eval_every = args.eval_every or max(1, args.max_train_steps // 10)
 
     from tqdm.auto import tqdm
 
-    history = {"step": [], "loss": [], "eval_step": [], "eval_loss": [], "eval_accuracy": []}
-    progress = tqdm(total=args.max_train_steps, disable=args.quiet or not accelerator.is_local_main_process,
+    state = TrainState(("step", "loss", "eval_step", "eval_loss", "eval_accuracy"))
+    accelerator.register_for_checkpointing(state)
+    if args.resume_from_checkpoint:
+        resume_from_checkpoint(accelerator, output_dir, args.resume_from_checkpoint, state)
+    history = state.history
+    steps_per_epoch = len(train_loader)
+    progress = tqdm(total=args.max_train_steps, initial=state.step,
+                    disable=args.quiet or not accelerator.is_local_main_process,
                     desc=f"{args.model} {args.task}", dynamic_ncols=True)
-    step, epoch, t0 = 0, 0, time.perf_counter()
+    t0 = time.perf_counter()
     model.train()
-    while step < args.max_train_steps:
+    while state.step < args.max_train_steps:
+        epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
         train_loader.set_epoch(epoch)
-        for batch in train_loader:
+        loader = accelerator.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
+        for batch in loader:
             loss = _loss(model(**batch))
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
-            step += 1
+            state.step += 1
             mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            history["step"].append(step)
+            history["step"].append(state.step)
             history["loss"].append(mean_loss)
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}")
-            if step % eval_every == 0 or step == args.max_train_steps:
+            if state.step % eval_every == 0 or state.step == args.max_train_steps:
                 ev = evaluate(accelerator, model, eval_loader, kind)
-                history["eval_step"].append(step)
+                history["eval_step"].append(state.step)
                 history["eval_loss"].append(ev["loss"])
                 history["eval_accuracy"].append(ev.get("accuracy"))
-            if step >= args.max_train_steps:
+            if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+                accelerator.save_state(str(checkpoint_folder(output_dir, state.step)))
+            if state.step >= args.max_train_steps or state.step % steps_per_epoch == 0:
                 break
-        epoch += 1
     progress.close()
     train_time = time.perf_counter() - t0
 
@@ -259,7 +273,7 @@ def run(args) -> dict:
         "dataset": args.dataset if "pixel" in args.task else None, "model": args.model,
         "parametrization": args.parametrization if args.model == "urnn" else None,
         "optimizer": args.optimizer if args.model == "urnn" else "rmsprop", "rank": args.rank,
-        "hidden_size": args.hidden_size, "trainable_params_real": trainable, "steps": step,
+        "hidden_size": args.hidden_size, "trainable_params_real": trainable, "steps": state.step,
         "train_time_s": train_time, "baseline_loss": float(task.baseline_loss),
         "eval_loss": history["eval_loss"][-1], "eval_accuracy": history["eval_accuracy"][-1],
         "distributed": {
@@ -302,23 +316,8 @@ def save(args, model, metrics: dict, history: dict, kind: str) -> None:
                                                      "num_labels": model.num_labels, "kind": kind}, indent=2))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if not args.no_plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-        ax[0].plot(history["step"], history["loss"], lw=0.8, label="train")
-        ax[0].plot(history["eval_step"], history["eval_loss"], marker="o", label="held out")
-        ax[0].axhline(metrics["baseline_loss"], ls="--", c="gray", label="memoryless baseline")
-        ax[0].set(xlabel="step", ylabel="loss", title=task_name)
-        ax[0].legend()
-        if any(a is not None for a in history["eval_accuracy"]):
-            ax[1].plot(history["eval_step"], history["eval_accuracy"], marker="o")
-        ax[1].set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1))
-        fig.tight_layout()
-        fig.savefig(out / "training_curves.png", dpi=100)
-        plt.close(fig)
+        plot_training_curves(out / "training_curves.png", task_name, history, accuracy_key="eval_accuracy",
+                             eval_loss_key="eval_loss", baseline_loss=metrics["baseline_loss"])
     if args.push_to_hub:
         if args.model != "urnn":
             raise RecipeError("--push_to_hub is for uRNN models (the LSTM baseline is a local comparison)")
@@ -328,13 +327,7 @@ def save(args, model, metrics: dict, history: dict, kind: str) -> None:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
+    return run_recipe(build_parser(), run, argv)
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ NONLINEARITIES = ("modrelu",)
 UNITARY_INITS = ("identity", "random", "restricted")
 INPUT_EMBEDDINGS = ("one_hot", "embedding")
 OPTIMIZERS = ("cayley", "projunn_d", "projunn_t")
-BASE_OPTIMIZERS = ("rmsprop", "adam")
+BASE_OPTIMIZERS = ("rmsprop", "adam", "adamw")  # the same choices as unitary_rnn.optim.BASE_OPTIMIZERS
 PROJUNN_SAMPLINGS = ("lsi", "column")
 RESTRICTED_APPLIES = ("auto", "matrix", "fft")
 
@@ -75,7 +75,7 @@ class UnitaryRNNConfig(PreTrainedConfig):
         learning_rate (`float`, defaults to 1e-3):
             Learning rate of every other parameter.
         base_optimizer (`str`, defaults to `"rmsprop"`):
-            `"rmsprop"` or `"adam"`, for every parameter that is not on the manifold.
+            `"rmsprop"`, `"adam"` or `"adamw"`, for every parameter that is not on the manifold.
         rmsprop_unitary (`bool`, defaults to `False`):
             Divide the gradient of W by an RMSprop accumulator before the Cayley step (Wisdom et al.'s option).
         projunn_rank (`int`, defaults to 1):

@@ -171,9 +171,8 @@ def _last_valid_step(states: torch.Tensor, attention_mask: torch.Tensor | None) 
     return states[torch.arange(states.shape[0], device=states.device), last.to(states.device)]
 
 
-class UnitaryRNNForSequenceClassification(UnitaryRNNPreTrainedModel):
-    """A linear head on the last step's state. ``num_labels=1`` is regression (MSE), as in transformers;
-    ``config.problem_type`` picks single- / multi-label classification otherwise."""
+class _UnitaryRNNWithLinearHead(UnitaryRNNPreTrainedModel):
+    """The shared body of the task heads: one `UnitaryRNNModel` and a linear ``classifier`` on its real features."""
 
     def __init__(self, config: UnitaryRNNConfig):
         super().__init__(config)
@@ -187,6 +186,11 @@ class UnitaryRNNForSequenceClassification(UnitaryRNNPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.embeddings = value
+
+
+class UnitaryRNNForSequenceClassification(_UnitaryRNNWithLinearHead):
+    """A linear head on the last step's state. ``num_labels=1`` is regression (MSE), as in transformers;
+    ``config.problem_type`` picks single- / multi-label classification otherwise."""
 
     @can_return_tuple
     def forward(
@@ -220,21 +224,8 @@ class UnitaryRNNForSequenceClassification(UnitaryRNNPreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
-class UnitaryRNNForTokenClassification(UnitaryRNNPreTrainedModel):
+class UnitaryRNNForTokenClassification(_UnitaryRNNWithLinearHead):
     """A linear head on every step's state; labels ``(batch, time)``, ``-100`` ignored (the copy task)."""
-
-    def __init__(self, config: UnitaryRNNConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = UnitaryRNNModel(config)
-        self.classifier = nn.Linear(config.feature_size, config.num_labels)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module | None:
-        return self.model.embeddings
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.model.embeddings = value
 
     @can_return_tuple
     def forward(

@@ -84,16 +84,21 @@ def rmsprop_scale_(G: torch.Tensor, square_avg: torch.Tensor, alpha: float, eps:
 
 
 def manifold_step(W: torch.Tensor, G: torch.Tensor, lr: float, method: str = "cayley", rank: int = 1,
-                  sampling: str = "lsi", generator: torch.Generator | None = None) -> torch.Tensor:
+                  sampling: str = "lsi", generator: torch.Generator | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch one manifold step: ``"cayley"`` (:func:`cayley_step`), ``"projunn_d"`` / ``"projunn_t"``
-    (``unitary_rnn.projunn.projunn_direct_step`` / ``projunn_tangent_step``, rank-``rank`` updates)."""
+    (``unitary_rnn.projunn.projunn_direct_step`` / ``projunn_tangent_step``, rank-``rank`` updates).
+
+    ``out`` (may be ``W`` itself) receives the new matrix; projUNN writes it there without allocating an N x N
+    temporary, the Cayley step (a dense solve) copies its result in."""
     if method == "cayley":
-        return cayley_step(W, G, lr)
+        new = cayley_step(W, G, lr)
+        return new if out is None else out.copy_(new)
     if method in ("projunn_d", "projunn_t"):
         from . import projunn  # lazy: projUNN lives in its own module
 
         fn = projunn.projunn_direct_step if method == "projunn_d" else projunn.projunn_tangent_step
-        return fn(W, G, lr, rank, sampling, generator=generator)
+        return fn(W, G, lr, rank, sampling, generator=generator, out=out)
     raise ValueError(f"unknown manifold method {method!r}; valid: {METHODS}")
 
 
@@ -209,8 +214,7 @@ class UnitaryOptimizer(torch.optim.Optimizer):
                 state["square_avg"] = torch.zeros_like(real, memory_format=torch.preserve_format)
             G = rmsprop_scale_(G, state["square_avg"], group["unitary_alpha"], group["unitary_eps"])
         lr_u = self.effective_unitary_lr(group)
-        new = manifold_step(p.detach(), G, lr_u, group["method"], group["rank"], group["sampling"])
-        p.copy_(new)
+        manifold_step(p.detach(), G, lr_u, group["method"], group["rank"], group["sampling"], out=p.detach())
         state["step"] += 1
         step = int(state["step"].item())
         every, tol = group["reproject_every"], group["reproject_tol"]

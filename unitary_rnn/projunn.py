@@ -64,6 +64,15 @@ def _check_factors(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
         raise ValueError(f"A and B must have the same number of columns k, got {A.shape[1]} and {B.shape[1]}")
 
 
+def _check_step_arguments(W: torch.Tensor, G: torch.Tensor, lr: float) -> float:
+    """Validate one projUNN step's ``W``, its gradient ``G`` and ``lr``; returns ``lr`` as a float."""
+    lr = _check_lr(lr)
+    _check_square(W)
+    if G.shape != W.shape or G.dtype != W.dtype:
+        raise ValueError(f"G must match W: got {tuple(G.shape)} {G.dtype}, W is {tuple(W.shape)} {W.dtype}")
+    return lr
+
+
 def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(dtype, dtype)
 
@@ -276,10 +285,7 @@ def projunn_direct_step(
     W: N x N unitary (complex) or orthogonal (real); G: N x N, ``W.grad``. O(k N^2) (``sampling="exact"``: O(N^3)).
     Returns the new matrix (W is not modified), or writes it into ``out`` (which may be W: an in-place step).
     """
-    lr = _check_lr(lr)
-    _check_square(W)
-    if G.shape != W.shape or G.dtype != W.dtype:
-        raise ValueError(f"G must match W: got {tuple(G.shape)} {G.dtype}, W is {tuple(W.shape)} {W.dtype}")
+    lr = _check_step_arguments(W, G, lr)
     with torch.no_grad():
         a, b = low_rank_approximation(G, rank, sampling, generator=generator)  # N x k, N x k
         return polar_low_rank_update(W.detach(), -lr * a, b, out=out)
@@ -301,10 +307,7 @@ def projunn_tangent_step(
     O(k N^2) (``sampling="exact"``: O(N^3)). Returns the new matrix (W is not modified),
     or writes it into ``out`` (which may be W: an in-place step).
     """
-    lr = _check_lr(lr)
-    _check_square(W)
-    if G.shape != W.shape or G.dtype != W.dtype:
-        raise ValueError(f"G must match W: got {tuple(G.shape)} {G.dtype}, W is {tuple(W.shape)} {W.dtype}")
+    lr = _check_step_arguments(W, G, lr)
     with torch.no_grad():
         a, b = low_rank_approximation(G, rank, sampling, generator=generator)  # N x k, N x k
         return expm_low_rank_tangent(W.detach(), -lr * a, b, out=out)

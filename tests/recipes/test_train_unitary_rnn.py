@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from recipes import train_unitary_rnn
@@ -28,6 +29,28 @@ def test_copy_task_stays_unitary_and_saves_a_loadable_model(tmp_path, optimizer)
     assert {"config.json", "model.safetensors", "modeling_unitary_rnn.py", "README.md"} <= {p.name for p in out.iterdir()}
     model = AutoModelForTokenClassification.from_pretrained(out)
     assert model.config.optimizer == optimizer and model.config.projunn_rank == 2
+
+
+@pytest.mark.parametrize("optimizer", ["cayley", "projunn_t"])
+def test_resume_continues_without_losing_steps(tmp_path, optimizer):
+    # 40 sequences in batches of 8: 5 steps per epoch, so step 7 resumes mid-epoch and step 10 crosses an epoch end
+    common = ["--task", "copy", "--seq_len", "4", "--max_train_steps", "12", "--train_samples", "40",
+              "--optimizer", optimizer, "--rank", "2", "--unitary_lr", "1e-2"]
+    straight, m1 = _run(tmp_path / "straight", *common, "--checkpointing_steps", "7")
+    assert (straight / "checkpoints" / "step_7").is_dir()
+    resumed, m2 = _run(tmp_path / "resumed", *common, "--resume_from_checkpoint", str(straight / "checkpoints" / "step_7"))
+    assert m2["steps"] == 12 and m2["history"]["step"] == list(range(1, 13))
+    assert m2["history"]["loss"] == pytest.approx(m1["history"]["loss"], rel=1e-6)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_resume_from_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run(tmp_path, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    assert "--resume_from_checkpoint 'latest': no such checkpoint folder" in capsys.readouterr().err
 
 
 def test_adding_task_restricted_and_lstm(tmp_path):

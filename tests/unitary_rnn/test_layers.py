@@ -34,7 +34,7 @@ def test_weight_is_tagged_and_on_the_manifold(cls, dtype, manifold, init):
     assert torch.count_nonzero(layer.bias) == 0
     if init == "identity":
         assert torch.equal(layer.weight.detach(), torch.eye(12, dtype=dtype))
-    assert f"features=12" in repr(layer)
+    assert "features=12" in repr(layer)
 
 
 def test_default_dtypes_and_no_bias():

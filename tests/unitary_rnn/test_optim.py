@@ -445,6 +445,28 @@ def test_projunn_dispatch(method, dtype):
     assert unitarity_error(W.detach()) < 1e-10
 
 
+@pytest.mark.parametrize("method", ["cayley", "projunn_d", "projunn_t"])
+def test_manifold_step_out_is_written_in_place(method):
+    W = random_unitary(16, torch.complex128)
+    G = random_like(W, 5)
+    expected = manifold_step(W, G, 0.02, method, 2, "exact")
+    target = W.clone()
+    result = manifold_step(target, G, 0.02, method, 2, "exact", out=target)
+    assert result.data_ptr() == target.data_ptr()
+    torch.testing.assert_close(target, expected, rtol=0, atol=1e-12)
+
+
+def test_config_and_optimizer_accept_the_same_base_optimizers():
+    from unitary_rnn import UnitaryRNNConfig
+    from unitary_rnn.configuration_unitary_rnn import BASE_OPTIMIZERS as CONFIG_CHOICES
+    from unitary_rnn.optim import BASE_OPTIMIZERS
+
+    assert CONFIG_CHOICES == BASE_OPTIMIZERS
+    model = UnitaryRegression(4)
+    model.config = UnitaryRNNConfig(base_optimizer="adamw")
+    assert {g["base_optimizer"] for g in create_optimizer(model).param_groups} == {"adamw"}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("unitary_rnn.projunn") is None, reason="unitary_rnn.projunn not written yet")
 @pytest.mark.parametrize("method", ["projunn_d", "projunn_t"])
 def test_projunn_optimizer_descends(method):

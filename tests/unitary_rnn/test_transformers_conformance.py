@@ -32,7 +32,6 @@ import unittest
 from pathlib import Path
 
 import pytest
-import torch
 
 from unitary_rnn import (
     UnitaryRNNConfig,
