@@ -80,6 +80,60 @@ def hta_factors(
     return d, U, V
 
 
+def hta_factors_backward(
+    u_in: torch.Tensor,
+    u_out: torch.Tensor,
+    d: torch.Tensor,
+    lora_A: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
+    grad_d: torch.Tensor,
+    grad_U: torch.Tensor,
+    grad_V: torch.Tensor,
+    form: str = "normalized",
+    eps: float = 1e-12,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The chain rule through :func:`hta_factors`, written out: from the gradients of a loss with respect to its
+    outputs ``(d, U, V)`` to those with respect to its inputs ``(u_in, u_out, d, A, B)``. One pass of O(in + out + r)
+    vector operations, no autograd graph (the folded layer's backward calls it once per adapter).
+
+    With ``a = grad_V[:, 0]``, ``b = grad_V[:, 1]``, ``g_q = grad_U[:, 1]`` and the forward quantities ``c_i, c_o, p,
+    q, s`` of :func:`hta_factors` (``v_0 = c_o (c_i s u_in - p)``, ``v_1 = -c_i u_in``, ``q = D u_in``, ``p = D^T u_out``):
+
+        g_s   = c_o c_i (a . u_in)              g_p = -c_o a
+        g_c_i = c_o s (a . u_in) - b . u_in     g_c_o = c_i s (a . u_in) - a . p
+        g_d     = grad_d + g_q[:m] u_in[:m] + g_p[:m] u_out[:m] + g_s u_out[:m] u_in[:m]
+        g_u_in  = c_o c_i s a - c_i b + [g_q[:m] d + g_s d u_out[:m]; 0] + g_c_i dc_i/du_in
+        g_u_out = grad_U[:, 0] + [g_p[:m] d + g_s d u_in[:m]; 0] + g_c_o dc_o/du_out
+        g_A = grad_V[:, 2:]^T,  g_B = grad_U[:, 2:]
+
+    where ``dc/du = -c^2 u`` for ``c = 2 / ||u||^2`` (and 0 where ``c`` is 0, or for the constant ``"paper"`` form).
+    """
+    m = d.shape[0]
+    c_in = householder_coefficient(u_in, form, eps)
+    c_out = householder_coefficient(u_out, form, eps)
+    u_in_m, u_out_m = u_in[:m], u_out[:m]
+    s = (d * u_out_m * u_in_m).sum()
+    a, b, g_q = grad_V[:, 0], grad_V[:, 1], grad_U[:, 1]
+    a_dot_u_in = a @ u_in
+    g_s = c_out * c_in * a_dot_u_in
+    g_p_m = -c_out * a[:m]  # p is zero beyond m
+    g_c_in = c_out * s * a_dot_u_in - b @ u_in
+    g_c_out = c_in * s * a_dot_u_in - a[:m] @ (d * u_out_m)
+
+    g_d = grad_d + g_q[:m] * u_in_m + g_p_m * u_out_m + g_s * u_out_m * u_in_m
+    g_u_in = (c_out * c_in * s) * a - c_in * b
+    g_u_in[:m] += (g_q[:m] + g_s * u_out_m) * d
+    g_u_out = grad_U[:, 0].clone()
+    g_u_out[:m] += (g_p_m + g_s * u_in_m) * d
+    if form == "normalized":  # c = 2 / ||u||^2 (or the constant 0 below eps): dc/du = -c^2 u
+        g_u_in -= (g_c_in * c_in * c_in) * u_in
+        g_u_out -= (g_c_out * c_out * c_out) * u_out
+    has_lora = lora_A is not None and lora_A.shape[0] > 0
+    g_A = grad_V[:, 2:].T.contiguous() if has_lora else None
+    g_B = grad_U[:, 2:].contiguous() if has_lora else None
+    return g_u_in, g_u_out, g_d, g_A, g_B
+
+
 def delta_weight(d: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``delta_W = D + U V^T`` as an ``out x in`` matrix, O(in * out)."""
     delta = U @ V.T

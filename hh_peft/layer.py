@@ -27,55 +27,89 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import HouseholderConfig
-from .functional import delta_weight, folded_weight, hta_activation_delta, hta_factors
+from .functional import delta_weight, folded_weight, hta_activation_delta, hta_factors, hta_factors_backward
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D, nn.Conv2d)
 
 
+def _combined_factors(
+    params: tuple[Optional[torch.Tensor], ...], forms: tuple[tuple[str, float], ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """``(d, U, V)`` of the sum of several adapters' updates (their ``d`` add, their ``U`` / ``V`` columns
+    concatenate), and each adapter's number of columns. ``params`` holds ``(u_in, u_out, d, A, B)`` per adapter."""
+    factors = [hta_factors(*params[5 * i : 5 * i + 5], form=form, eps=eps) for i, (form, eps) in enumerate(forms)]
+    if len(factors) == 1:
+        d, U, V = factors[0]
+        return d, U, V, [U.shape[1]]
+    d = torch.stack([f[0] for f in factors]).sum(0)
+    return d, torch.cat([f[1] for f in factors], dim=1), torch.cat([f[2] for f in factors], dim=1), [
+        f[1].shape[1] for f in factors
+    ]
+
+
 class _FoldedHTALinear(torch.autograd.Function):
-    """``y = x (W + D + U V^T)^T + b``: one matmul forward, low-rank adapter gradients backward (and the full
-    ``dW = G^T X`` only when the base weight itself is trainable).
+    """``y = x (W + delta_W)^T + b`` with ``delta_W = D + U V^T`` built from the raw adapter parameters: one matmul
+    forward, low-rank adapter gradients backward (and the full ``dW = G^T X`` only when the base weight itself is
+    trainable). ``apply(x, weight, bias, forms, *params)``: ``forms`` is ``((householder, eps), ...)`` and ``params``
+    is ``(u_in, u_out, d, A, B)`` per active adapter (``A``, ``B`` None without a low-rank term).
 
-    With ``X`` (n, in) and ``G = dL/dy`` (n, out), ``k = 2 + r``:
+    With ``X`` (n, in) and ``G = dL/dy`` (n, out), ``k`` columns in ``U`` / ``V``:
 
-        dX = G (W + D + U V^T)               one n x out x in matmul, as the frozen base layer needs anyway
-        dU = G^T (X V)      = ((V^T X^T) G)^T      (out, k)
-        dV = X^T (G U)      = ((U^T G^T) X)^T      (in, k)
-        dd = sum_n G[:, :m] * X[:, :m]                 (m,)
+        dX = G (W + D + U V^T)              one n x out x in matmul, as the frozen base layer needs anyway
+        dU = G^T (X V)                      (out, k); ``X V`` is taken in forward, while X is still in cache,
+        dV = X^T (G U)                      (in, k)     and saved (n x k floats)
+        dd = sum_n G[:, :m] * X[:, :m]      (m,)
 
+    and :func:`~hh_peft.functional.hta_factors_backward` carries ``(dd, dU, dV)`` to the parameters without an
+    autograd graph (the ~40 small vector operations that build U and V would otherwise each be a graph node).
     The skinny products are taken in the ``(k, n)`` orientation (``V^T X^T``, then ``(k, n) @ (n, out)``): on CPU
-    BLAS this is several times faster than ``X @ V`` / ``G^T @ (X V)`` for k = 3. ``W + delta_W`` is rebuilt in
+    BLAS this is several times faster than ``X @ V`` / ``G^T @ (X V)`` for small k. ``W + delta_W`` is rebuilt in
     backward (one ``addmm`` over ``out x in``) instead of being stored, so the layer saves no more than the base.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, d, U, V):
-        ctx.save_for_backward(x, weight, d, U, V)
+    def forward(ctx, x, weight, bias, forms, *params):
+        d, U, V, _ = _combined_factors(params, forms)
+        y = F.linear(x, folded_weight(weight, d, U, V), bias)
+        xv_t = None
+        if any(ctx.needs_input_grad[4:]):
+            xv_t = V.T.contiguous() @ x.reshape(-1, x.shape[-1]).T  # (k, n) = (X V)^T
+        ctx.forms = forms
         ctx.has_bias = bias is not None
-        return F.linear(x, folded_weight(weight, d, U, V), bias)
+        ctx.save_for_backward(x, weight, xv_t, *params)
+        return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, d, U, V = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = grad_d = grad_U = grad_V = None
+        x, weight, xv_t, *params = ctx.saved_tensors
+        forms = ctx.forms
+        d, U, V, widths = _combined_factors(tuple(params), forms)
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
         g2 = grad_output.reshape(-1, grad_output.shape[-1])  # (n, out)
+        grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = (g2 @ folded_weight(weight, d, U, V)).view(x.shape)
-        if ctx.needs_input_grad[4]:
-            xv_t = V.T.contiguous() @ x2.T  # (k, n) = (X V)^T
-            grad_U = (xv_t @ g2).T  # (out, k)
-        if ctx.needs_input_grad[5]:
-            gu_t = U.T.contiguous() @ g2.T  # (k, n) = (G U)^T
-            grad_V = (gu_t @ x2).T  # (in, k)
-        if ctx.needs_input_grad[3]:
-            m = d.shape[0]
-            grad_d = (g2[:, :m] * x2[:, :m]).sum(0)  # (m,)
         if ctx.needs_input_grad[1]:  # a trainable base weight (unfrozen by the user, or FSDP's flat parameter)
             grad_weight = g2.T @ x2  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
-        return grad_x, grad_weight, grad_bias, grad_d, grad_U, grad_V
+        grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
+        if xv_t is not None:
+            grad_U = (xv_t @ g2).T  # (out, k)
+            grad_V = (U.T.contiguous() @ g2.T @ x2).T  # (in, k): ((G U)^T X)^T
+            m = d.shape[0]
+            grad_d = (g2[:, :m] * x2[:, :m]).sum(0)  # (m,)
+            start = 0
+            for i, (form, eps) in enumerate(forms):
+                end = start + widths[i]
+                grads = hta_factors_backward(
+                    *params[5 * i : 5 * i + 5], grad_d, grad_U[:, start:end], grad_V[:, start:end], form=form, eps=eps
+                )
+                for j, grad in enumerate(grads):
+                    if ctx.needs_input_grad[4 + 5 * i + j]:
+                        grad_params[5 * i + j] = grad
+                start = end
+        return (grad_x, grad_weight, grad_bias, None, *grad_params)
 
 
 class HouseholderLayer(BaseTunerLayer):
@@ -279,8 +313,8 @@ class HouseholderLayer(BaseTunerLayer):
 
 
 
-class Linear(nn.Module, HouseholderLayer):
-    """HTA on an ``nn.Linear`` or on transformers' ``Conv1D`` (``fan_in_fan_out``: weight stored as (in, out))."""
+class _HouseholderModule(nn.Module, HouseholderLayer):
+    """What the adapted module types share: construction from a base layer and a config, forward, repr."""
 
     forward = HouseholderLayer.forward  # nn.Module comes first in the MRO, as in PEFT's own layers
 
@@ -290,9 +324,19 @@ class Linear(nn.Module, HouseholderLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: HouseholderConfig, **kwargs) -> None:
         super().__init__()
         HouseholderLayer.__init__(self, base_layer, **kwargs)
-        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D) or config.fan_in_fan_out
+        self._configure(config)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+
+    def _configure(self, config: HouseholderConfig) -> None:
+        """Layer-type settings read from the config before the first adapter is created."""
+
+
+class Linear(_HouseholderModule):
+    """HTA on an ``nn.Linear`` or on transformers' ``Conv1D`` (``fan_in_fan_out``: weight stored as (in, out))."""
+
+    def _configure(self, config: HouseholderConfig) -> None:
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D) or config.fan_in_fan_out
 
     def _weight_layout(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.T if self.fan_in_fan_out else matrix
@@ -321,35 +365,22 @@ class Linear(nn.Module, HouseholderLayer):
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or not self._can_fold(x, active, kwargs):
             return super()._adapted_forward(x, active, *args, **kwargs)
-        factors = [self._factors(name) for name in active]
-        if len(factors) == 1:
-            d, U, V = factors[0]
-        else:  # several active adapters: their deltas add, so their factors concatenate
-            d = torch.stack([f[0] for f in factors]).sum(0)
-            U = torch.cat([f[1] for f in factors], dim=1)
-            V = torch.cat([f[2] for f in factors], dim=1)
         base_layer = self.get_base_layer()
         weight = base_layer.weight.T if self.fan_in_fan_out else base_layer.weight  # (out, in)
-        return _FoldedHTALinear.apply(x, weight, base_layer.bias, d, U, V)
+        forms = tuple((self.hta_householder[name], self.hta_eps[name]) for name in active)
+        params = []
+        for name in active:
+            params += [self.hta_u_in[name], self.hta_u_out[name], self.hta_d[name],
+                       self.hta_A.get(name), self.hta_B.get(name)]
+        return _FoldedHTALinear.apply(x, weight, base_layer.bias, forms, *params)
 
 
-class Conv2d(nn.Module, HouseholderLayer):
+class Conv2d(_HouseholderModule):
     """HTA on an ``nn.Conv2d`` (groups=1), its weight seen as an ``out x (in * kh * kw)`` matrix.
 
     The adapted convolution is one convolution with the folded kernel ``W + delta_W``; with dropout, the adapter's
     kernel ``delta_W`` runs on the dropped-out input beside the base convolution.
     """
-
-    forward = HouseholderLayer.forward  # nn.Module comes first in the MRO, as in PEFT's own layers
-
-    def __repr__(self) -> str:
-        return "hta." + super().__repr__()
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HouseholderConfig, **kwargs) -> None:
-        super().__init__()
-        HouseholderLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
 
     def _weight_layout(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.view(self.get_base_layer().weight.shape)

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from hh_peft.functional import delta_weight, householder_apply, householder_coefficient, hta_activation_delta, hta_factors
+from hh_peft.functional import (
+    delta_weight,
+    householder_apply,
+    householder_coefficient,
+    hta_activation_delta,
+    hta_factors,
+    hta_factors_backward,
+)
 
 
 def dense_householder(u, form, eps=1e-12):
@@ -79,3 +86,34 @@ def test_zero_householder_vector_gives_finite_values_and_gradients(form):
 def test_unknown_householder_form_is_rejected():
     with pytest.raises(ValueError, match="'householder-x'.*normalized"):
         householder_coefficient(torch.ones(3), "householder-x")
+
+
+@pytest.mark.parametrize("form", ["normalized", "paper"])
+@pytest.mark.parametrize("shape", [(7, 12), (12, 7), (9, 9)])
+@pytest.mark.parametrize("rank", [0, 1, 3])
+@pytest.mark.parametrize("zero", [None, "u_in", "u_out"])
+def test_hta_factors_backward_equals_autograd(form, shape, rank, zero):
+    """The written-out chain rule through hta_factors equals autograd's (float64, 1e-12), including a zero
+    Householder vector (the coefficient's eps branch)."""
+    in_features, out_features = shape
+    m = min(shape)
+    dtype = torch.float64
+    u_in = torch.randn(in_features, dtype=dtype)
+    u_out = torch.randn(out_features, dtype=dtype)
+    if zero == "u_in":
+        u_in.zero_()
+    elif zero == "u_out":
+        u_out.zero_()
+    d = torch.randn(m, dtype=dtype)
+    A = torch.randn(rank, in_features, dtype=dtype) if rank else None
+    B = torch.randn(out_features, rank, dtype=dtype) if rank else None
+    inputs = [t.requires_grad_() for t in (u_in, u_out, d, A, B) if t is not None]
+    d_out, U, V = hta_factors(u_in, u_out, d, A, B, form=form)
+    grad_d, grad_U, grad_V = torch.randn_like(d_out), torch.randn_like(U), torch.randn_like(V)
+    expected = torch.autograd.grad((d_out * grad_d).sum() + (U * grad_U).sum() + (V * grad_V).sum(), inputs)
+    with torch.no_grad():
+        ours = [g for g in hta_factors_backward(u_in, u_out, d, A, B, grad_d, grad_U, grad_V, form=form) if g is not None]
+    assert len(ours) == len(expected)
+    for a, b in zip(ours, expected):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -45,21 +45,59 @@ def adapted_mlp(dtype=torch.float32, **kwargs):
     return base, get_peft_model(copy.deepcopy(base), HouseholderConfig(**kwargs))
 
 
+def _raw_adapter(in_features, out_features, rank, dtype=torch.float64):
+    m = min(in_features, out_features)
+    params = [torch.randn(in_features, dtype=dtype), torch.randn(out_features, dtype=dtype), torch.randn(m, dtype=dtype)]
+    params += [torch.randn(rank, in_features, dtype=dtype), torch.randn(out_features, rank, dtype=dtype)] if rank else [None, None]
+    return [p.requires_grad_() if p is not None else None for p in params]
+
+
+@pytest.mark.parametrize("form", ["normalized", "paper"])
 @pytest.mark.parametrize("shape", [(10, 24), (24, 10), (16, 16)])
-def test_folded_function_gradients_equal_autograd_of_the_explicit_form(shape):
+@pytest.mark.parametrize("adapter_ranks", [(1,), (0,), (2, 0)])
+def test_folded_function_gradients_equal_autograd_of_the_explicit_form(shape, form, adapter_ranks):
+    """The hand-written backward (low-rank contractions + hta_factors_backward) against torch's numerical gradient
+    and against autograd through the dense reference, with one adapter or two stacked ones (float64)."""
     in_features, out_features = shape
     dtype = torch.float64
     x = torch.randn(5, 3, in_features, dtype=dtype, requires_grad=True)
     weight = torch.randn(out_features, in_features, dtype=dtype, requires_grad=True)
     bias = torch.randn(out_features, dtype=dtype, requires_grad=True)
-    m = min(shape)
-    d = torch.randn(m, dtype=dtype, requires_grad=True)
-    U = torch.randn(out_features, 3, dtype=dtype, requires_grad=True)
-    V = torch.randn(in_features, 3, dtype=dtype, requires_grad=True)
-    torch.autograd.gradcheck(_FoldedHTALinear.apply, (x, weight, bias, d, U, V))
-    y = _FoldedHTALinear.apply(x, weight, bias, d, U, V)
-    reference = x @ weight.T + bias + hh_peft.hta_activation_delta(x, d, U, V)
+    forms = tuple((form, 1e-12) for _ in adapter_ranks)
+    params = [p for r in adapter_ranks for p in _raw_adapter(in_features, out_features, r)]
+    torch.autograd.gradcheck(lambda x, w, b, *ps: _FoldedHTALinear.apply(x, w, b, forms, *ps), (x, weight, bias, *params))
+
+    y = _FoldedHTALinear.apply(x, weight, bias, forms, *params)
+    reference = x @ weight.T + bias
+    for i in range(len(adapter_ranks)):
+        reference = reference + hh_peft.hta_activation_delta(x, *hh_peft.hta_factors(*params[5 * i : 5 * i + 5], form=form))
     torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
+    probe = torch.randn_like(y)
+    inputs = [t for t in (x, weight, bias, *params) if t is not None]
+    ours = torch.autograd.grad((y * probe).sum(), inputs)
+    expected = torch.autograd.grad((reference * probe).sum(), inputs)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_folded_function_zero_householder_vector_gives_finite_gradients(dtype):
+    """A zero u_in / u_out (H = I under the normalized form) goes through the hand-written backward without NaN, and
+    its gradient equals autograd's through the double-where coefficient."""
+    x = torch.randn(4, 6, dtype=dtype, requires_grad=True)
+    weight = torch.randn(5, 6, dtype=dtype)
+    params = _raw_adapter(6, 5, 1, dtype)
+    with torch.no_grad():
+        params[0].zero_()
+        params[1].zero_()
+    forms = (("normalized", 1e-12),)
+    y = _FoldedHTALinear.apply(x, weight, None, forms, *params)
+    grads = torch.autograd.grad(y.square().sum(), [x, *params])
+    reference = x @ weight.T + hh_peft.hta_activation_delta(x, *hh_peft.hta_factors(*params))
+    expected = torch.autograd.grad(reference.square().sum(), [x, *params])
+    for a, b in zip(grads, expected):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
 
 
 def test_folded_and_activation_paths_give_same_outputs_and_gradients():
