@@ -38,7 +38,6 @@ Prints a markdown table and writes ``benchmarks/results/bench_hta.{json,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -48,6 +47,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from bench_common import pyplot, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_MODULES = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
@@ -257,12 +258,9 @@ def check_targets(summary: dict) -> list[dict]:
     return checks
 
 
-def plot(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(summary: dict, title: str):
+    """Bar charts of step time, peak memory and inference time (a matplotlib figure)."""
+    plt = pyplot()
     train = [c for c in TRAIN_CONFIGS if c in summary]
     infer = [c for c in INFER_CONFIGS if c in summary]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [3, 3, 1.6]})
@@ -295,9 +293,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
     else:
         axes[2].axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -400,10 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": checks,
         "table_markdown": table,
     }
-    json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
-    json_path.write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
-    plot(summary, png_path, setting)
-    print(f"\nwrote {json_path} and {png_path}")
+    write_results(out, payload, plot(summary, setting))
     return payload
 
 

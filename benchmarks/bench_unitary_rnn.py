@@ -18,7 +18,6 @@ is also timed for N = 128 ... 2048 (complex64). Writes ``benchmarks/results/benc
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import pyplot, write_results
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,12 +168,9 @@ def bench_cayley(args) -> list[dict] | str:
     return rows
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict):
+    """Forward + backward time per model, and the Cayley step against N (a matplotlib figure)."""
+    plt = pyplot()
     cayley = result["cayley"] if isinstance(result["cayley"], list) else None
     fig, axes = plt.subplots(1, 2 if cayley else 1, figsize=(14 if cayley else 8, 4.5), squeeze=False)
     ax = axes[0][0]
@@ -191,9 +188,7 @@ def plot(result: dict, path: Path) -> None:
         ax2.set_ylabel("one Cayley step (ms)")
         ax2.set_title("Cayley step, complex64")
         ax2.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> dict:
@@ -235,12 +230,8 @@ def main(argv=None) -> dict:
         print("Cayley step (complex64): " + ", ".join(f"N={r['N']}: {r['best_ms']:.1f} ms" for r in result["cayley"]))
     else:
         print("Cayley step: " + result["cayley"])
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_unitary_rnn" + ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    if not args.no_plot:
-        plot(result, args.out / f"{stem}.png")
-    print(f"wrote {args.out / (stem + '.json')}" + ("" if args.no_plot else f" and {stem}.png"))
+    write_results(args.out / stem, result, None if args.no_plot else plot(result))
     return result
 
 

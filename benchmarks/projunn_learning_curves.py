@@ -6,8 +6,8 @@ rank-1 projUNN reaches the same loss as the full (Cayley) unitary step. Every me
 from the task's generator (online learning: the training loss is an unbiased estimate of the test loss); at the end
 every model is evaluated on one held-out set.
 
-    python benchmarks/projunn_learning_curves.py                  # both tasks: adding 600 steps, copy 200 steps (~10 min)
-    python benchmarks/projunn_learning_curves.py --task adding --steps 2000
+    python benchmarks/projunn_learning_curves.py                  # both tasks: adding 6000 steps, copy 1000 (~25 min, 2 cores)
+    python benchmarks/projunn_learning_curves.py --task copy --steps 300 --jobs 3
 
 Writes ``benchmarks/results/projunn_learning_curves.{json,png}``.
 """
@@ -15,6 +15,7 @@ Writes ``benchmarks/results/projunn_learning_curves.{json,png}``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import math
 import time
 from pathlib import Path
@@ -98,13 +99,13 @@ def main() -> None:
     parser.add_argument("--task", choices=["adding", "copy", "both"], default="both")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per task, below)")
-    parser.add_argument("--adding-steps", type=int, default=600)
-    parser.add_argument("--copy-steps", type=int, default=200)
+    parser.add_argument("--adding-steps", type=int, default=6000)
+    parser.add_argument("--copy-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--adding-length", type=int, default=200)
     parser.add_argument("--adding-hidden", type=int, default=170)
     parser.add_argument("--copy-delay", type=int, default=1000)
-    parser.add_argument("--copy-hidden", type=int, default=64)
+    parser.add_argument("--copy-hidden", type=int, default=128)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--sampling", choices=["lsi", "column"], default="lsi")
     parser.add_argument("--lr", type=float, default=1e-3, help="RMSprop learning rate of the non-manifold parameters")
@@ -112,20 +113,26 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1: the recurrence is sequential; more threads only contend")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side in worker processes (one per core)")
     parser.add_argument("--out", default=str(RESULTS / "projunn_learning_curves"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     tasks = ["adding", "copy"] if args.task == "both" else [args.task]
     results: dict[str, dict] = {}
+    jobs: dict[str, dict] = {}
     for task_name in tasks:
         task_args = argparse.Namespace(**vars(args))
         task_args.steps = args.steps or (args.adding_steps if task_name == "adding" else args.copy_steps)
         results[task_name] = {"steps": task_args.steps, "runs": {}}
-        for method in args.methods:
-            run = train(task_name, method, task_args)
-            results[task_name]["runs"][method] = run
-            tail = run["train_loss"][-max(1, task_args.steps // 10):]
+        jobs[task_name] = {method: (task_name, method, task_args) for method in args.methods}
+    # every (task, method) run is independent: with --jobs > 1 they run side by side in worker processes
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads,
+                                                initargs=(args.threads,)) as pool:
+        futures = {(t, m): pool.submit(train, *job) for t, by_method in jobs.items() for m, job in by_method.items()}
+        for (task_name, method), future in futures.items():
+            run = results[task_name]["runs"][method] = future.result()
+            tail = run["train_loss"][-max(1, results[task_name]["steps"] // 10):]
             tqdm.write(f"{task_name:6s} {method:10s} final train (last 10%) {sum(tail) / len(tail):.4f}  "
                        f"held-out {run['eval_loss']:.4f}  baseline {run['baseline_loss']:.4f}  {run['seconds']:.0f} s")
 

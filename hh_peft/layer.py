@@ -70,10 +70,10 @@ class _FoldedHTALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, forms, *params):
         d, U, V, _ = _combined_factors(params, forms)
-        y = F.linear(x, folded_weight(weight, d, U, V), bias)
         xv_t = None
-        if any(ctx.needs_input_grad[4:]):
+        if any(ctx.needs_input_grad[4:]):  # before the big matmul, while x (just written upstream) is in cache
             xv_t = V.T.contiguous() @ x.reshape(-1, x.shape[-1]).T  # (k, n) = (X V)^T
+        y = F.linear(x, folded_weight(weight, d, U, V), bias)
         ctx.forms = forms
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, xv_t, *params)
@@ -87,16 +87,18 @@ class _FoldedHTALinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
         g2 = grad_output.reshape(-1, grad_output.shape[-1])  # (n, out)
         grad_x = grad_weight = grad_bias = None
+        grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
+        if xv_t is not None:  # the products with G first, while G (just written downstream) is in cache
+            grad_U = (xv_t @ g2).T  # (out, k)
+            gu_t = U.T.contiguous() @ g2.T  # (k, n) = (G U)^T
         if ctx.needs_input_grad[0]:
             grad_x = (g2 @ folded_weight(weight, d, U, V)).view(x.shape)
         if ctx.needs_input_grad[1]:  # a trainable base weight (unfrozen by the user, or FSDP's flat parameter)
             grad_weight = g2.T @ x2  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
-        grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
         if xv_t is not None:
-            grad_U = (xv_t @ g2).T  # (out, k)
-            grad_V = (U.T.contiguous() @ g2.T @ x2).T  # (in, k): ((G U)^T X)^T
+            grad_V = (gu_t @ x2).T  # (in, k)
             m = d.shape[0]
             grad_d = (g2[:, :m] * x2[:, :m]).sum(0)  # (m,)
             start = 0
