@@ -9,7 +9,14 @@ from peft.utils import register_peft_method
 
 from .config import HouseholderConfig
 from .hub import adapter_card_for, install_card_hook, set_card_info
-from .functional import delta_weight, householder_apply, householder_coefficient, hta_activation_delta, hta_factors
+from .functional import (
+    delta_weight,
+    householder_apply,
+    householder_coefficient,
+    hta_activation_delta,
+    hta_factors,
+    hta_factors_backward,
+)
 from .layer import Conv2d, HouseholderLayer, Linear
 from .model import HouseholderModel
 from .registration import HTA_METHOD_NAME, HTA_PEFT_TYPE
@@ -28,6 +35,7 @@ __all__ = [
     "householder_coefficient",
     "hta_activation_delta",
     "hta_factors",
+    "hta_factors_backward",
 ]
 
 register_peft_method(name=HTA_METHOD_NAME, config_cls=HouseholderConfig, model_cls=HouseholderModel)
