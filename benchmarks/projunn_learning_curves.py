@@ -38,6 +38,7 @@ def build(task_name: str, args: argparse.Namespace, method: str):
     common = dict(
         optimizer=method, projunn_rank=args.rank, projunn_sampling=args.sampling, learning_rate=args.lr,
         unitary_learning_rate=args.unitary_lr, base_optimizer="rmsprop", reproject_every=100,
+        rmsprop_unitary=args.rmsprop_unitary,
     )
     torch.manual_seed(args.seed)
     if task_name == "adding":
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--sampling", choices=["lsi", "column"], default="lsi")
     parser.add_argument("--lr", type=float, default=1e-3, help="RMSprop learning rate of the non-manifold parameters")
     parser.add_argument("--unitary-lr", type=float, default=1e-3, help="learning rate of the manifold step (all methods)")
+    parser.add_argument("--rmsprop-unitary", action="store_true",
+                        help="divide W's gradient by an RMSprop accumulator before the manifold step (Wisdom et al.)")
     parser.add_argument("--eval-size", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1: the recurrence is sequential; more threads only contend")

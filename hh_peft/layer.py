@@ -9,7 +9,9 @@ Forward paths of `Linear` (chosen per call, all computing ``base(x) + x delta_W^
   ``y = x (W + delta_W)^T + b`` is a single matmul; ``delta_W`` costs O(in * out) to build.
   The custom autograd function below takes the parameter gradients by low-rank contractions
   (``dU = G^T (X V)``, ``dV = X^T (G U)``, ``dd = sum_n G[:, :m] * X[:, :m]``), never forming the full
-  ``out x in`` weight gradient, and rebuilds ``W + delta_W`` in backward instead of storing it.
+  ``out x in`` weight gradient, rebuilds ``W + delta_W`` in backward instead of storing it, and carries the
+  gradients of U, V and d to the raw parameters with the chain rule written out
+  (`functional.hta_factors_backward`): one autograd node per layer, whatever the number of active adapters.
 * **activation space** (dropout, autocast, mixed dtypes, per-sample
   ``adapter_names``): ``base(x) + (drop(x) V) U^T + drop(x)[:, :m] * d``, like LoRA.
 """
