@@ -199,17 +199,25 @@ class HouseholderLayer(BaseTunerLayer):
                 nn.init.normal_(self.hta_B[adapter_name], std=0.1)
 
     # ------------------------------------------------------------------ maths of one adapter
-    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(d, U, V)`` with ``delta_W = D + U V^T`` in the (out, in) layout (functional.hta_factors)."""
-        return hta_factors(
+    def _adapter_parameters(self, adapter_name: str) -> tuple[Optional[torch.Tensor], ...]:
+        """``(u_in, u_out, d, A, B)`` of ``adapter_name``, the argument order of `functional.hta_factors` (``A``, ``B``
+        None without a low-rank term)."""
+        return (
             self.hta_u_in[adapter_name],
             self.hta_u_out[adapter_name],
             self.hta_d[adapter_name],
             self.hta_A.get(adapter_name),
             self.hta_B.get(adapter_name),
-            form=self.hta_householder[adapter_name],
-            eps=self.hta_eps[adapter_name],
         )
+
+    def _adapter_form(self, adapter_name: str) -> tuple[str, float]:
+        """``(householder, eps)`` of ``adapter_name``."""
+        return self.hta_householder[adapter_name], self.hta_eps[adapter_name]
+
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(d, U, V)`` with ``delta_W = D + U V^T`` in the (out, in) layout (functional.hta_factors)."""
+        form, eps = self._adapter_form(adapter_name)
+        return hta_factors(*self._adapter_parameters(adapter_name), form=form, eps=eps)
 
     def _delta_matrix(self, adapter_name: str) -> torch.Tensor:
         """``delta_W`` as an (out, in) matrix in the adapter's dtype (float32 on CPU for half-precision bases)."""
@@ -371,11 +379,8 @@ class Linear(_HouseholderModule):
             return super()._adapted_forward(x, active, *args, **kwargs)
         base_layer = self.get_base_layer()
         weight = base_layer.weight.T if self.fan_in_fan_out else base_layer.weight  # (out, in)
-        forms = tuple((self.hta_householder[name], self.hta_eps[name]) for name in active)
-        params = []
-        for name in active:
-            params += [self.hta_u_in[name], self.hta_u_out[name], self.hta_d[name],
-                       self.hta_A.get(name), self.hta_B.get(name)]
+        forms = tuple(self._adapter_form(name) for name in active)
+        params = [p for name in active for p in self._adapter_parameters(name)]
         return _FoldedHTALinear.apply(x, weight, base_layer.bias, forms, *params)
 
 

@@ -38,6 +38,18 @@ def random_like(W: torch.Tensor, seed: int) -> torch.Tensor:
     return X.to(W.dtype)
 
 
+def train_steps(opt: torch.optim.Optimizer, loss_fn, steps: int) -> list[float]:
+    """``steps`` plain optimizer steps on ``loss_fn()``; the loss before each step."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 class UnitaryRegression(nn.Module):
     """y = W x + b with W on U(N) (or O(N)); loss = mean |y - target|^2. A small problem that the
     optimizer must solve while keeping W on the manifold."""
@@ -190,13 +202,7 @@ def test_optimizer_solves_small_problem(dtype, base):
     model = UnitaryRegression(6, dtype)
     x, y = regression_data(6, dtype)
     opt = UnitaryOptimizer(model.parameters(), lr=1e-2, unitary_lr=0.05, base_optimizer=base)
-    losses = []
-    for _ in range(300):
-        opt.zero_grad()
-        loss = mse(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(opt, lambda: mse(model(x), y), steps=300)
     assert losses[-1] < 1e-3 * losses[0]
     assert unitarity_error(model.W.detach()) < 1e-10
 
@@ -474,13 +480,7 @@ def test_projunn_optimizer_descends(method):
     model = UnitaryRegression(6, torch.complex128)
     x, y = regression_data(6, torch.complex128)
     opt = UnitaryOptimizer(model.parameters(), lr=1e-2, unitary_lr=0.1, method=method, rank=1, sampling="lsi")
-    losses = []
-    for _ in range(300):
-        opt.zero_grad()
-        loss = mse(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(opt, lambda: mse(model(x), y), steps=300)
     assert losses[-1] < 0.1 * losses[0]
     assert unitarity_error(model.W.detach()) < 1e-10
 
@@ -573,13 +573,7 @@ def test_create_optimizer_trains_unitary_rnn_on_copy_task(method):
     (W,) = opt.param_groups[0]["params"]
     assert W.dtype == torch.complex64 and opt.param_groups[0]["method"] == method
     data = task.generate(32, seed=0)
-    losses = []
-    for _ in range(60):
-        opt.zero_grad()
-        loss = model(**data).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(opt, lambda: model(**data).loss, steps=60)
     assert losses[-1] < task.baseline_loss < losses[0]  # it uses memory: below the memoryless baseline
     assert unitarity_error(W.detach()) < 1e-4
 
