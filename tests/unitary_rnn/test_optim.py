@@ -515,6 +515,8 @@ for _ in range(20):
     (ddp(x[shard]) - y[shard]).abs().pow(2).mean().backward()
     opt.step()
 save_file({"W": torch.view_as_real(model.W.detach()).contiguous()}, os.path.join(sys.argv[1], f"rank{rank}.safetensors"))
+del ddp  # DDP's reducer goes before its process group, and both ranks leave together
+dist.barrier()
 dist.destroy_process_group()
 '''
 
