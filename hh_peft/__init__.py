@@ -16,6 +16,7 @@ from .functional import (
     hta_activation_delta,
     hta_factors,
     hta_factors_backward,
+    hta_scalars,
 )
 from .layer import Conv2d, HouseholderLayer, Linear
 from .model import HouseholderModel
@@ -36,6 +37,7 @@ __all__ = [
     "hta_activation_delta",
     "hta_factors",
     "hta_factors_backward",
+    "hta_scalars",
 ]
 
 register_peft_method(name=HTA_METHOD_NAME, config_cls=HouseholderConfig, model_cls=HouseholderModel)

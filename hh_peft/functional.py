@@ -36,9 +36,9 @@ def householder_coefficient(u: torch.Tensor, form: str = "normalized", eps: floa
     ``"paper"``: ``c = 1``, the printed ``I - v v^T`` (orthogonal only when ``||v||^2 = 2``).
     """
     if form == "normalized":
-        square_norm = u.pow(2).sum()
+        square_norm = u @ u
         usable = square_norm > eps
-        return torch.where(usable, 2.0 / torch.where(usable, square_norm, torch.ones_like(square_norm)), 0.0)
+        return torch.where(usable, 2.0 / torch.where(usable, square_norm, 1.0), 0.0)
     if form == "paper":
         return torch.ones((), dtype=u.dtype, device=u.device)
     raise ValueError(f"unknown Householder form {form!r}; valid: {HOUSEHOLDER_FORMS}")
@@ -50,6 +50,15 @@ def householder_apply(x: torch.Tensor, u: torch.Tensor, coefficient: torch.Tenso
     return x - coefficient * (x @ u).unsqueeze(-1) * u
 
 
+def hta_scalars(
+    u_in: torch.Tensor, u_out: torch.Tensor, d: torch.Tensor, form: str = "normalized", eps: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three scalars of :func:`hta_factors` and :func:`hta_factors_backward`: ``c(u_in)``, ``c(u_out)`` and
+    ``s = u_out^T D u_in = sum_i d_i u_out[i] u_in[i]`` (i < m)."""
+    m = d.shape[0]
+    return householder_coefficient(u_in, form, eps), householder_coefficient(u_out, form, eps), (d * u_out[:m]) @ u_in[:m]
+
+
 def hta_factors(
     u_in: torch.Tensor,
     u_out: torch.Tensor,
@@ -58,26 +67,32 @@ def hta_factors(
     lora_B: torch.Tensor | None = None,
     form: str = "normalized",
     eps: float = 1e-12,
+    scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Write ``delta_W = H(u_out) D H(u_in) + B A`` as ``D + U V^T`` (see the module docstring).
 
     Shapes: ``u_in`` (in,), ``u_out`` (out,), ``d`` (m,) with ``m = min(in, out)``, ``lora_A`` (r, in),
-    ``lora_B`` (out, r). Returns ``(d, U, V)`` with ``U`` (out, 2 + r) and ``V`` (in, 2 + r). Cost O((in + out) r).
+    ``lora_B`` (out, r). Returns ``(d, U, V)`` with ``U`` (out, 2 + r) and ``V`` (in, 2 + r), both transposed views of
+    row-major ``(2 + r, out)`` / ``(2 + r, in)`` tensors. Cost O((in + out) r). ``scalars``: the result of
+    :func:`hta_scalars` for these parameters, when the caller already has it.
     """
     m = d.shape[0]
-    c_in = householder_coefficient(u_in, form, eps)
-    c_out = householder_coefficient(u_out, form, eps)
-    p = torch.cat([d * u_out[:m], u_in.new_zeros(u_in.shape[0] - m)])  # D^T u_out: (in,)
-    q = torch.cat([d * u_in[:m], u_out.new_zeros(u_out.shape[0] - m)])  # D u_in:    (out,)
-    s = (d * u_out[:m] * u_in[:m]).sum()  # u_out^T D u_in
-    U = [u_out, q]
-    V = [c_out * (c_in * s * u_in - p), -c_in * u_in]
-    U = torch.stack(U, dim=1)
-    V = torch.stack(V, dim=1)
-    if lora_A is not None and lora_A.shape[0] > 0:
-        U = torch.cat([U, lora_B], dim=1)
-        V = torch.cat([V, lora_A.T], dim=1)
-    return d, U, V
+    c_in, c_out, s = hta_scalars(u_in, u_out, d, form, eps) if scalars is None else scalars
+    q_m = d * u_in[:m]  # D u_in (zero beyond m):    (m,)
+    p_m = d * u_out[:m]  # D^T u_out (zero beyond m): (m,)
+    rank = lora_A.shape[0] if lora_A is not None else 0
+    # Built as (k, out) / (k, in) rows and returned transposed: every product with U^T, V^T is then contiguous.
+    U_t = u_out.new_zeros(2 + rank, u_out.shape[0])
+    U_t[0] = u_out
+    U_t[1, :m] = q_m
+    V_t = u_in.new_zeros(2 + rank, u_in.shape[0])
+    V_t[0] = (c_out * c_in * s) * u_in
+    V_t[0, :m] -= c_out * p_m
+    V_t[1] = -c_in * u_in
+    if rank > 0:
+        U_t[2:] = lora_B.T
+        V_t[2:] = lora_A
+    return d, U_t.T, V_t.T
 
 
 def hta_factors_backward(
@@ -91,10 +106,12 @@ def hta_factors_backward(
     grad_V: torch.Tensor,
     form: str = "normalized",
     eps: float = 1e-12,
+    scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The chain rule through :func:`hta_factors`, written out: from the gradients of a loss with respect to its
     outputs ``(d, U, V)`` to those with respect to its inputs ``(u_in, u_out, d, A, B)``. One pass of O(in + out + r)
-    vector operations, no autograd graph (the folded layer's backward calls it once per adapter).
+    vector operations, no autograd graph (the folded layer's backward calls it once per adapter). ``scalars``: the
+    result of :func:`hta_scalars` (recomputed when None).
 
     With ``a = grad_V[:, 0]``, ``b = grad_V[:, 1]``, ``g_q = grad_U[:, 1]`` and the forward quantities ``c_i, c_o, p,
     q, s`` of :func:`hta_factors` (``v_0 = c_o (c_i s u_in - p)``, ``v_1 = -c_i u_in``, ``q = D u_in``, ``p = D^T u_out``):
@@ -107,31 +124,54 @@ def hta_factors_backward(
         g_A = grad_V[:, 2:]^T,  g_B = grad_U[:, 2:]
 
     where ``dc/du = -c^2 u`` for ``c = 2 / ||u||^2`` (and 0 where ``c`` is 0, or for the constant ``"paper"`` form).
+    The code groups these terms so that each line is one tensor operation: every operation here costs microseconds
+    of dispatch, whatever its size, and a ViT runs this for every adapted layer on every step.
     """
     m = d.shape[0]
-    c_in = householder_coefficient(u_in, form, eps)
-    c_out = householder_coefficient(u_out, form, eps)
+    c_in, c_out, s = hta_scalars(u_in, u_out, d, form, eps) if scalars is None else scalars
     u_in_m, u_out_m = u_in[:m], u_out[:m]
-    s = (d * u_out_m * u_in_m).sum()
-    a, b, g_q = grad_V[:, 0], grad_V[:, 1], grad_U[:, 1]
-    a_dot_u_in = a @ u_in
-    g_s = c_out * c_in * a_dot_u_in
-    g_p_m = -c_out * a[:m]  # p is zero beyond m
-    g_c_in = c_out * s * a_dot_u_in - b @ u_in
-    g_c_out = c_in * s * a_dot_u_in - a[:m] @ (d * u_out_m)
+    a_m = grad_V[:m, 0]
+    a_b_dot_u_in = grad_V[:, :2].T @ u_in  # (a . u_in, b . u_in)
+    c_in_a_u = c_in * a_b_dot_u_in[0]
+    g_s = c_out * c_in_a_u
+    g_p_m = a_m * -c_out  # g_p is zero beyond m, as p is
+    w = torch.addcmul(grad_U[:m, 1], u_out_m, g_s)  # g_q[:m] + g_s u_out[:m]
+    z = torch.addcmul(g_p_m, u_in_m, g_s)  # g_p[:m] + g_s u_in[:m]
 
-    g_d = grad_d + g_q[:m] * u_in_m + g_p_m * u_out_m + g_s * u_out_m * u_in_m
-    g_u_in = (c_out * c_in * s) * a - c_in * b
-    g_u_in[:m] += (g_q[:m] + g_s * u_out_m) * d
+    g_d = torch.addcmul(torch.addcmul(grad_d, u_in_m, w), g_p_m, u_out_m)
+    coefficients = torch.stack([c_out * c_in * s, -c_in])  # of a and b in g_u_in
+    g_u_in = coefficients @ grad_V[:, :2].T
+    g_u_in[:m].addcmul_(w, d)
     g_u_out = grad_U[:, 0].clone()
-    g_u_out[:m] += (g_p_m + g_s * u_in_m) * d
+    g_u_out[:m].addcmul_(z, d)
     if form == "normalized":  # c = 2 / ||u||^2 (or the constant 0 below eps): dc/du = -c^2 u
-        g_u_in -= (g_c_in * c_in * c_in) * u_in
-        g_u_out -= (g_c_out * c_out * c_out) * u_out
+        g_c_in = c_out * s * a_b_dot_u_in[0] - a_b_dot_u_in[1]
+        g_c_out = s * c_in_a_u - a_m @ (d * u_out_m)
+        g_u_in.sub_(u_in * (g_c_in * c_in * c_in))
+        g_u_out.sub_(u_out * (g_c_out * c_out * c_out))
     has_lora = lora_A is not None and lora_A.shape[0] > 0
     g_A = grad_V[:, 2:].T.contiguous() if has_lora else None
     g_B = grad_U[:, 2:].contiguous() if has_lora else None
     return g_u_in, g_u_out, g_d, g_A, g_B
+
+
+def row_contraction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T b`` for tall ``a`` (n, k) and ``b`` (n, c): the sum over the n rows of ``a[i]^T b[i]``, (k, c).
+
+    For small ``k`` and long ``n`` (the adapter gradients ``(X V)^T G``, ``(G U)^T X``) CPU BLAS runs this on a single
+    thread: it parallelises over the output, which is tiny, not over the contraction. On CPU the rows are split into
+    one chunk per thread and the chunks run as one batched matmul (``(p, k, n/p) @ (p, n/p, c)``, then a sum over
+    ``p``), which uses every thread; on other devices, or when there is one thread or few rows, it is plain ``a.T @ b``.
+    """
+    parts = min(torch.get_num_threads(), a.shape[0] // 256) if a.device.type == "cpu" else 1
+    if parts <= 1:
+        return a.T @ b
+    n = a.shape[0] - a.shape[0] % parts
+    rows = n // parts
+    result = torch.bmm(a[:n].view(parts, rows, -1).transpose(1, 2), b[:n].view(parts, rows, -1)).sum(0)
+    if n < a.shape[0]:
+        result += a[n:].T @ b[n:]
+    return result
 
 
 def delta_weight(d: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

@@ -29,24 +29,39 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import HouseholderConfig
-from .functional import delta_weight, folded_weight, hta_activation_delta, hta_factors, hta_factors_backward
+from .functional import (
+    delta_weight,
+    folded_weight,
+    hta_activation_delta,
+    hta_factors,
+    hta_factors_backward,
+    hta_scalars,
+    row_contraction,
+)
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D, nn.Conv2d)
 
 
 def _combined_factors(
     params: tuple[Optional[torch.Tensor], ...], forms: tuple[tuple[str, float], ...]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[tuple[torch.Tensor, ...]]]:
     """``(d, U, V)`` of the sum of several adapters' updates (their ``d`` add, their ``U`` / ``V`` columns
-    concatenate), and each adapter's number of columns. ``params`` holds ``(u_in, u_out, d, A, B)`` per adapter."""
-    factors = [hta_factors(*params[5 * i : 5 * i + 5], form=form, eps=eps) for i, (form, eps) in enumerate(forms)]
+    concatenate), each adapter's number of columns and its `hta_scalars`. ``params`` holds ``(u_in, u_out, d, A,
+    B)`` per adapter."""
+    scalars = [hta_scalars(*params[5 * i : 5 * i + 3], form=form, eps=eps) for i, (form, eps) in enumerate(forms)]
+    factors = [
+        hta_factors(*params[5 * i : 5 * i + 5], form=form, eps=eps, scalars=scalars[i])
+        for i, (form, eps) in enumerate(forms)
+    ]
+    widths = [f[1].shape[1] for f in factors]
     if len(factors) == 1:
         d, U, V = factors[0]
-        return d, U, V, [U.shape[1]]
+        return d, U, V, widths, scalars
     d = torch.stack([f[0] for f in factors]).sum(0)
-    return d, torch.cat([f[1] for f in factors], dim=1), torch.cat([f[2] for f in factors], dim=1), [
-        f[1].shape[1] for f in factors
-    ]
+    # The columns concatenate in the (k, out) / (k, in) row layout of hta_factors.
+    U = torch.cat([f[1].T for f in factors]).T
+    V = torch.cat([f[2].T for f in factors]).T
+    return d, U, V, widths, scalars
 
 
 class _FoldedHTALinear(torch.autograd.Function):
@@ -64,55 +79,70 @@ class _FoldedHTALinear(torch.autograd.Function):
 
     and :func:`~hh_peft.functional.hta_factors_backward` carries ``(dd, dU, dV)`` to the parameters without an
     autograd graph (the ~40 small vector operations that build U and V would otherwise each be a graph node).
-    The skinny products are taken in the ``(k, n)`` orientation (``V^T X^T``, then ``(k, n) @ (n, out)``): on CPU
-    BLAS this is several times faster than ``X @ V`` / ``G^T @ (X V)`` for small k. ``W + delta_W`` is rebuilt in
-    backward (one ``addmm`` over ``out x in``) instead of being stored, so the layer saves no more than the base.
+
+    What the measurements behind this layout found (``benchmarks/bench_hta.py``; CPU, MKL):
+
+    * ``(d, U, V)`` and the scalars of `hta_scalars` come from forward (saved, O((in + out) k)) instead of being
+      rebuilt in backward.
+    * ``U``, ``V`` are transposed views of row-major ``(k, out)`` / ``(k, in)`` tensors, so ``X V`` and ``G U`` are
+      "NT" products, which MKL runs 1.5 to 3x faster than with a row-major ``(out, k)`` operand.
+    * The two products that contract over the n rows (``dU``, ``dV``) go through
+      :func:`~hh_peft.functional.row_contraction`, which splits n across the CPU threads.
+    * Backward runs the products with ``G`` first (``G`` was just written by the layer above and is in cache), then
+      those with ``X``, and ``dX`` last, so that the layer below reads a ``dX`` that is still in cache.
+    * ``W + delta_W`` is rebuilt in backward (one ``addmm`` over ``out x in``) instead of being stored, so the layer
+      saves no more than the base layer plus ``X``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, forms, *params):
-        d, U, V, _ = _combined_factors(params, forms)
-        xv_t = None
+        d, U, V, widths, scalars = _combined_factors(params, forms)
+        xv = None
         if any(ctx.needs_input_grad[4:]):  # before the big matmul, while x (just written upstream) is in cache
-            xv_t = V.T.contiguous() @ x.reshape(-1, x.shape[-1]).T  # (k, n) = (X V)^T
+            xv = x.reshape(-1, x.shape[-1]) @ V  # (n, k)
         y = F.linear(x, folded_weight(weight, d, U, V), bias)
         ctx.forms = forms
+        ctx.widths = widths
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, xv_t, *params)
+        ctx.save_for_backward(x, weight, xv, d, U, V, *[c for adapter in scalars for c in adapter], *params)
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, xv_t, *params = ctx.saved_tensors
-        forms = ctx.forms
-        d, U, V, widths = _combined_factors(tuple(params), forms)
+        x, weight, xv, d, U, V, *rest = ctx.saved_tensors
+        n_adapters = len(ctx.forms)
+        scalars, params = rest[: 3 * n_adapters], rest[3 * n_adapters :]
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
         g2 = grad_output.reshape(-1, grad_output.shape[-1])  # (n, out)
         grad_x = grad_weight = grad_bias = None
         grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
-        if xv_t is not None:  # the products with G first, while G (just written downstream) is in cache
-            grad_U = (xv_t @ g2).T  # (out, k)
-            gu_t = U.T.contiguous() @ g2.T  # (k, n) = (G U)^T
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ folded_weight(weight, d, U, V)).view(x.shape)
-        if ctx.needs_input_grad[1]:  # a trainable base weight (unfrozen by the user, or FSDP's flat parameter)
-            grad_weight = g2.T @ x2  # (out, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g2.sum(0)
-        if xv_t is not None:
-            grad_V = (gu_t @ x2).T  # (in, k)
+        if xv is not None:
+            gu = g2 @ U  # (n, k)
+            grad_U = row_contraction(xv, g2).T  # (out, k)
+            grad_V = row_contraction(gu, x2).T  # (in, k)
             m = d.shape[0]
-            grad_d = (g2[:, :m] * x2[:, :m]).sum(0)  # (m,)
+            grad_d = torch.linalg.vecdot(g2[:, :m], x2[:, :m], dim=0)  # (m,)
             start = 0
-            for i, (form, eps) in enumerate(forms):
-                end = start + widths[i]
+            for i, ((form, eps), width) in enumerate(zip(ctx.forms, ctx.widths)):
                 grads = hta_factors_backward(
-                    *params[5 * i : 5 * i + 5], grad_d, grad_U[:, start:end], grad_V[:, start:end], form=form, eps=eps
+                    *params[5 * i : 5 * i + 5],
+                    grad_d,
+                    grad_U[:, start : start + width],
+                    grad_V[:, start : start + width],
+                    form=form,
+                    eps=eps,
+                    scalars=scalars[3 * i : 3 * i + 3],
                 )
                 for j, grad in enumerate(grads):
                     if ctx.needs_input_grad[4 + 5 * i + j]:
                         grad_params[5 * i + j] = grad
-                start = end
+                start += width
+        if ctx.needs_input_grad[1]:  # a trainable base weight (unfrozen by the user, or FSDP's flat parameter)
+            grad_weight = g2.T @ x2  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0)
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ folded_weight(weight, d, U, V)).view(x.shape)
         return (grad_x, grad_weight, grad_bias, None, *grad_params)
 
 

@@ -10,6 +10,8 @@ from hh_peft.functional import (
     hta_activation_delta,
     hta_factors,
     hta_factors_backward,
+    hta_scalars,
+    row_contraction,
 )
 
 
@@ -92,9 +94,11 @@ def test_unknown_householder_form_is_rejected():
 @pytest.mark.parametrize("shape", [(7, 12), (12, 7), (9, 9)])
 @pytest.mark.parametrize("rank", [0, 1, 3])
 @pytest.mark.parametrize("zero", [None, "u_in", "u_out"])
-def test_hta_factors_backward_equals_autograd(form, shape, rank, zero):
+@pytest.mark.parametrize("scalars_given, contiguous_grads", [(False, False), (True, True)])
+def test_hta_factors_backward_equals_autograd(form, shape, rank, zero, scalars_given, contiguous_grads):
     """The written-out chain rule through hta_factors equals autograd's (float64, 1e-12), including a zero
-    Householder vector (the coefficient's eps branch)."""
+    Householder vector (the coefficient's eps branch); with the scalars precomputed (as the folded layer passes
+    them from forward) or not, and with gradients of U / V in hta_factors' transposed layout or row-major."""
     in_features, out_features = shape
     m = min(shape)
     dtype = torch.float64
@@ -110,10 +114,39 @@ def test_hta_factors_backward_equals_autograd(form, shape, rank, zero):
     inputs = [t.requires_grad_() for t in (u_in, u_out, d, A, B) if t is not None]
     d_out, U, V = hta_factors(u_in, u_out, d, A, B, form=form)
     grad_d, grad_U, grad_V = torch.randn_like(d_out), torch.randn_like(U), torch.randn_like(V)
+    assert grad_U.stride(0) == 1  # randn_like keeps hta_factors' (k, out) row layout
     expected = torch.autograd.grad((d_out * grad_d).sum() + (U * grad_U).sum() + (V * grad_V).sum(), inputs)
+    if contiguous_grads:
+        grad_U, grad_V = grad_U.contiguous(), grad_V.contiguous()
     with torch.no_grad():
-        ours = [g for g in hta_factors_backward(u_in, u_out, d, A, B, grad_d, grad_U, grad_V, form=form) if g is not None]
+        scalars = hta_scalars(u_in, u_out, d, form=form) if scalars_given else None
+        grads = hta_factors_backward(u_in, u_out, d, A, B, grad_d, grad_U, grad_V, form=form, scalars=scalars)
+        ours = [g for g in grads if g is not None]
     assert len(ours) == len(expected)
     for a, b in zip(ours, expected):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 255, 512, 1000, 1576])
+def test_row_contraction_equals_transposed_matmul(threads, rows):
+    """``row_contraction(a, b) = a^T b`` whether or not the rows are split across threads (n below 256 per thread,
+    n not divisible by the number of chunks), float64 to 1e-12."""
+    generator = torch.Generator().manual_seed(rows)
+    a = torch.randn(rows, 3, dtype=torch.float64, generator=generator)
+    b = torch.randn(rows, 40, dtype=torch.float64, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = row_contraction(a, b)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(result, a.T @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_hta_factors_returns_transposed_row_layout():
+    """U and V are views of row-major (k, out) / (k, in) tensors: the layer's products with U^T and V^T need them so."""
+    d, U, V = hta_factors(torch.randn(5), torch.randn(7), torch.randn(5), torch.randn(2, 5), torch.randn(7, 2))
+    assert U.shape == (7, 4) and V.shape == (5, 4)
+    assert U.T.is_contiguous() and V.T.is_contiguous()
