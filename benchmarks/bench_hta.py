@@ -33,6 +33,14 @@ Prints a markdown table and writes ``benchmarks/results/bench_hta.{json,png}``.
                                                     # OMP_WAIT_POLICY=PASSIVE
     python benchmarks/bench_hta.py --quick          # smoke run: vit_tiny, batch 2, 1 round, 2 steps
     python benchmarks/bench_hta.py --configs floor lora_r8 hta --rounds 5
+    python benchmarks/bench_hta.py --steady-allocator   # glibc keeps freed memory: no page faults after warm-up;
+                                                      # writes benchmarks/results/bench_hta_steady_allocator.*
+
+``--steady-allocator`` is a diagnostic, not the headline. With glibc's default heuristics a process gives freed
+memory back to the kernel and faults it in again; how often depends on the order of its allocations, so the same
+configuration can take from 0 to 100k+ page faults per step (measured: HTA alternates between those in one
+process). Each worker then calls ``mallopt(M_MMAP_THRESHOLD, 32 MiB)`` and ``mallopt(M_TRIM_THRESHOLD, 1 GiB)``,
+which every configuration gets alike, so the table shows the cost of the computation alone.
 """
 
 from __future__ import annotations
@@ -138,10 +146,24 @@ def build(config: str, model_name: str, img_size: int, num_classes: int, depth: 
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+def hold_freed_memory() -> None:
+    """glibc: serve every allocation below 32 MiB (the largest threshold glibc accepts) from the heap and never trim
+    the heap, so memory freed by one step is reused by the next without page faults."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    if libc.mallopt(m_mmap_threshold, 32 << 20) != 1 or libc.mallopt(m_trim_threshold, 1 << 30) != 1:
+        raise RuntimeError("mallopt refused M_MMAP_THRESHOLD=32 MiB / M_TRIM_THRESHOLD=1 GiB")
+
+
 def run_config(config: str, opts: dict) -> dict:
     """Build ``config`` in this (fresh) process, run warm-up and timed steps; return times and memory."""
     import torch
     import torch.nn.functional as F
+
+    if opts["steady_allocator"]:
+        hold_freed_memory()
 
     torch.set_num_threads(opts["threads"])
     model, params = build(config, opts["model"], opts["img_size"], opts["num_classes"], opts["depth"])
@@ -313,7 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="timed forwards per round of the inference rows (default 3x --steps: they are short)")
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS, metavar="CONFIG",
                         help=f"subset to run (default all): {' '.join(CONFIGS)}")
-    parser.add_argument("--out", default=str(RESULTS / "bench_hta"), help="output path without suffix")
+    parser.add_argument("--steady-allocator", action="store_true",
+                        help="glibc keeps freed memory in every worker (no page faults after warm-up); a diagnostic")
+    parser.add_argument("--out", default=None,
+                        help="output path without suffix (default benchmarks/results/bench_hta, or "
+                             "bench_hta_steady_allocator with --steady-allocator)")
     args = parser.parse_args(argv)
     defaults = (
         dict(model="vit_tiny_patch16_224", img_size=224, batch=2, rounds=1, warmup=1, steps=2) if args.quick
@@ -329,11 +355,13 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.steady_allocator and platform.libc_ver()[0] != "glibc":
+        parser.error(f"--steady-allocator needs glibc's mallopt; this Python runs on {platform.libc_ver()[0] or 'another libc'}")
     if args.depth is not None and args.depth < 1:
         parser.error(f"--depth must be >= 1, got {args.depth}")
     opts = dict(model=args.model, img_size=args.img_size, batch=args.batch, num_classes=args.num_classes, depth=args.depth,
                 threads=args.threads, warmup=args.warmup, steps=args.steps,
-                infer_steps=args.infer_steps)
+                infer_steps=args.infer_steps, steady_allocator=args.steady_allocator)
 
     from tqdm import tqdm
 
@@ -361,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     checks = check_targets(summary)
     setting = (f"timm {args.model}{'' if args.depth is None else f' (depth {args.depth})'} (random weights), batch {args.batch} at {args.img_size}, {args.threads} threads, "
                f"AdamW; {args.rounds} interleaved rounds x ({args.warmup} warm-up + {args.steps} timed steps; inference "
-               f"{args.infer_steps} forwards), median")
+               f"{args.infer_steps} forwards), median{'; glibc holding freed memory (--steady-allocator)' if args.steady_allocator else ''}")
     print(f"\n{setting}\n")
     print(table)
     if "hta" in summary and "hta_dropout" in summary:
@@ -371,12 +399,13 @@ def main(argv: list[str] | None = None) -> dict:
         for check in checks:
             print(f"  {'met   ' if check['met'] else 'MISSED'} {check['what']}: {check['ratio']:.3f} (<= {check['bound']})")
 
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("bench_hta_steady_allocator" if args.steady_allocator else "bench_hta"))
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "setting": setting,
         "model": args.model, "depth": args.depth, "img_size": args.img_size, "batch": args.batch, "num_classes": args.num_classes,
         "threads": args.threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps, "infer_steps": args.infer_steps,
+        "steady_allocator": args.steady_allocator,
         "target_modules": TARGET_MODULES,
         "torch": next(iter(raw.values()))[0]["torch"], "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),

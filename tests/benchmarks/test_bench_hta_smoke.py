@@ -46,6 +46,21 @@ def test_quick_run_writes_every_configuration_with_finite_numbers(tmp_path):
     assert configs["hta"]["trainable_params"] == configs["hta_dropout"]["trainable_params"]
 
 
+@pytest.mark.slow
+def test_steady_allocator_run_records_the_setting(tmp_path):
+    """--steady-allocator: glibc's mallopt is accepted in the worker (it raises otherwise) and the JSON says so."""
+    out = tmp_path / "steady"
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--img-size", "32", "--depth", "1", "--num-classes", "10", "--threads", "1",
+         "--warmup", "0", "--steps", "1", "--configs", "floor", "hta", "--steady-allocator", "--out", str(out)],
+        check=True, timeout=300, capture_output=True, text=True,
+    )
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert payload["steady_allocator"] is True
+    assert "--steady-allocator" in payload["setting"]
+    assert set(payload["configs"]) == {"floor", "hta"}
+
+
 def test_unknown_configuration_is_rejected_with_the_valid_names(capsys):
     with pytest.raises(SystemExit):
         bench_hta.main(["--configs", "lora_r3"])
