@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r'''
-import copy, sys, torch, torch.distributed as dist
+import copy, os, sys, torch, torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -74,8 +74,15 @@ if rank == 0:
     assert got.keys() == expected.keys() and len(got) == 4 * 5, sorted(got)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
-    print("FSDP-OK", len(got))
+    print("FSDP-OK", len(got), flush=True)
+# Teardown: gloo can abort a rank at interpreter exit ("terminate called without an active exception") while
+# FSDP still holds its communication state (seen 1 in ~20 CI runs). Free that state, leave together, and skip the
+# interpreter's finalisation: everything this test checks has been printed by now.
+del model, optimizer
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
 '''
 
 
