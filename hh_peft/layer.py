@@ -92,6 +92,9 @@ class _FoldedHTALinear(torch.autograd.Function):
       those with ``X``, and ``dX`` last, so that the layer below reads a ``dX`` that is still in cache.
     * ``W + delta_W`` is rebuilt in backward (one ``addmm`` over ``out x in``) instead of being stored, so the layer
       saves no more than the base layer plus ``X``.
+
+    Under ``create_graph=True`` the backward rebuilds ``(d, U, V)`` and ``X V`` with autograd recording, and every
+    operation in it is differentiable, so second-order gradients are exact (``gradgradcheck`` in the tests).
     """
 
     @staticmethod
@@ -113,6 +116,13 @@ class _FoldedHTALinear(torch.autograd.Function):
         n_adapters = len(ctx.forms)
         scalars, params = rest[: 3 * n_adapters], rest[3 * n_adapters :]
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
+        if torch.is_grad_enabled():
+            # create_graph=True (higher-order gradients): what forward computed without a graph is rebuilt with one,
+            # so that every gradient returned below is a differentiable function of x, W and the parameters.
+            d, U, V, _, adapter_scalars = _combined_factors(tuple(params), ctx.forms)
+            scalars = [c for adapter in adapter_scalars for c in adapter]
+            if xv is not None:
+                xv = x2 @ V
         g2 = grad_output.reshape(-1, grad_output.shape[-1])  # (n, out)
         grad_x = grad_weight = grad_bias = None
         grad_params: list[Optional[torch.Tensor]] = [None] * len(params)

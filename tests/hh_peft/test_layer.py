@@ -80,6 +80,37 @@ def test_folded_function_gradients_equal_autograd_of_the_explicit_form(shape, fo
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("form", ["normalized", "paper"])
+@pytest.mark.parametrize("adapter_ranks", [(1,), (2, 0)])
+def test_folded_function_second_order_gradients(form, adapter_ranks):
+    """Higher-order gradients (``create_graph=True``: gradient penalties, meta-learning) through the folded layer:
+    torch's numerical second-order check, and a gradient penalty on the input equal to the dense reference's
+    (float64)."""
+    dtype = torch.float64
+    x = torch.randn(3, 7, dtype=dtype, requires_grad=True)
+    weight = torch.randn(9, 7, dtype=dtype, requires_grad=True)
+    bias = torch.randn(9, dtype=dtype, requires_grad=True)
+    forms = tuple((form, 1e-12) for _ in adapter_ranks)
+    params = [p for r in adapter_ranks for p in _raw_adapter(7, 9, r)]
+    torch.autograd.gradgradcheck(lambda x, w, b, *ps: _FoldedHTALinear.apply(x, w, b, forms, *ps), (x, weight, bias, *params))
+
+    def penalty(forward):
+        (grad_x,) = torch.autograd.grad(forward().tanh().sum(), x, create_graph=True)
+        return grad_x.square().sum()
+
+    def reference():
+        y = x @ weight.T + bias
+        for i in range(len(adapter_ranks)):
+            y = y + hh_peft.hta_activation_delta(x, *hh_peft.hta_factors(*params[5 * i : 5 * i + 5], form=form))
+        return y
+
+    inputs = [t for t in (x, weight, bias, *params) if t is not None]
+    ours = torch.autograd.grad(penalty(lambda: _FoldedHTALinear.apply(x, weight, bias, forms, *params)), inputs)
+    expected = torch.autograd.grad(penalty(reference), inputs)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_folded_function_zero_householder_vector_gives_finite_gradients(dtype):
     """A zero u_in / u_out (H = I under the normalized form) goes through the hand-written backward without NaN, and
