@@ -61,6 +61,19 @@ def test_steady_allocator_run_records_the_setting(tmp_path):
     assert set(payload["configs"]) == {"floor", "hta"}
 
 
+@pytest.mark.slow
+def test_paths_benchmark_quick_run(tmp_path):
+    """bench_hta_paths.py --quick: both paths timed (after checking they agree) for every row count and mode."""
+    out = tmp_path / "paths"
+    subprocess.run([sys.executable, str(SCRIPT.parent / "bench_hta_paths.py"), "--quick", "--threads", "1", "--out", str(out)],
+                   check=True, timeout=300, capture_output=True, text=True)
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert {(r["mode"], r["rows"]) for r in payload["results"]} == {(m, n) for m in ("inference", "training") for n in (1, 8, 64)}
+    assert all(r["folded_ms"] > 0 and r["activation_ms"] > 0 for r in payload["results"])
+    assert {c["mode"] for c in payload["crossovers"]} == {"inference", "training"}
+
+
 def test_unknown_configuration_is_rejected_with_the_valid_names(capsys):
     with pytest.raises(SystemExit):
         bench_hta.main(["--configs", "lora_r3"])
