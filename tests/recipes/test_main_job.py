@@ -17,6 +17,21 @@ def test_table_format():
     assert "| HTA (rank 1) | 91.23 % | 90.00 % | 12,345 | 1.00 % | 12.3 |" in table.splitlines()
 
 
+def test_backbone_cache_key_changes_with_the_pretraining_code(monkeypatch, tmp_path):
+    """A backbone cached by other code is not reused: the digest covers the recipe sources it lists."""
+    before = main_job.pretraining_code_digest()
+    assert before == main_job.pretraining_code_digest()
+    fake_root = tmp_path / "repo"
+    for source in main_job.PRETRAINING_SOURCES:
+        (fake_root / source).parent.mkdir(parents=True, exist_ok=True)
+        (fake_root / source).write_bytes((main_job.ROOT / source).read_bytes())
+    monkeypatch.setattr(main_job, "ROOT", fake_root)
+    assert main_job.pretraining_code_digest() == before
+    with open(fake_root / "recipes" / "common" / "data.py", "a") as f:
+        f.write("\n# changed\n")
+    assert main_job.pretraining_code_digest() != before
+
+
 def test_unknown_method(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main_job.main(["--methods", "hta,adapterfusion"])
