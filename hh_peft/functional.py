@@ -130,8 +130,9 @@ def hta_factors_backward(
     m = d.shape[0]
     c_in, c_out, s = hta_scalars(u_in, u_out, d, form, eps) if scalars is None else scalars
     u_in_m, u_out_m = u_in[:m], u_out[:m]
-    a_m = grad_V[:m, 0]
-    a_b_dot_u_in = grad_V[:, :2].T @ u_in  # (a . u_in, b . u_in)
+    a_b = grad_V[:, :2].T  # rows a and b: (2, in)
+    a_m = a_b[0, :m]
+    a_b_dot_u_in = a_b @ u_in  # (a . u_in, b . u_in)
     c_in_a_u = c_in * a_b_dot_u_in[0]
     g_s = c_out * c_in_a_u
     g_p_m = a_m * -c_out  # g_p is zero beyond m, as p is
@@ -140,7 +141,7 @@ def hta_factors_backward(
 
     g_d = torch.addcmul(torch.addcmul(grad_d, u_in_m, w), g_p_m, u_out_m)
     coefficients = torch.stack([c_out * c_in * s, -c_in])  # of a and b in g_u_in
-    g_u_in = coefficients @ grad_V[:, :2].T
+    g_u_in = coefficients @ a_b
     g_u_in[:m].addcmul_(w, d)
     g_u_out = grad_U[:, 0].clone()
     g_u_out[:m].addcmul_(z, d)

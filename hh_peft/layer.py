@@ -114,13 +114,13 @@ class _FoldedHTALinear(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight, xv, d, U, V, *rest = ctx.saved_tensors
         n_adapters = len(ctx.forms)
-        scalars, params = rest[: 3 * n_adapters], rest[3 * n_adapters :]
+        scalars = [tuple(rest[3 * i : 3 * i + 3]) for i in range(n_adapters)]  # saved flat in forward
+        params = rest[3 * n_adapters :]
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
         if torch.is_grad_enabled():
             # create_graph=True (higher-order gradients): what forward computed without a graph is rebuilt with one,
             # so that every gradient returned below is a differentiable function of x, W and the parameters.
-            d, U, V, _, adapter_scalars = _combined_factors(tuple(params), ctx.forms)
-            scalars = [c for adapter in adapter_scalars for c in adapter]
+            d, U, V, _, scalars = _combined_factors(tuple(params), ctx.forms)
             if xv is not None:
                 xv = x2 @ V
         g2 = grad_output.reshape(-1, grad_output.shape[-1])  # (n, out)
@@ -141,7 +141,7 @@ class _FoldedHTALinear(torch.autograd.Function):
                     grad_V[:, start : start + width],
                     form=form,
                     eps=eps,
-                    scalars=scalars[3 * i : 3 * i + 3],
+                    scalars=scalars[i],
                 )
                 for j, grad in enumerate(grads):
                     if ctx.needs_input_grad[4 + 5 * i + j]:
@@ -383,9 +383,32 @@ class _HouseholderModule(nn.Module, HouseholderLayer):
     def _configure(self, config: HouseholderConfig) -> None:
         """Layer-type settings read from the config before the first adapter is created."""
 
+    # Base layer types whose forward the folded path reproduces exactly (subclasses such as quantised layers keep
+    # their own forward and take the activation-space path).
+    _foldable_base_types: tuple[type, ...] = ()
+
+    def _can_fold(self, x: torch.Tensor, active: list[str], args: tuple, kwargs: dict) -> bool:
+        """The folded path computes exactly ``base(x) + x delta_W^T``; it applies to a plain base layer called with
+        ``x`` alone, when nothing differs between the adapter's input and the base layer's input (no dropout in
+        training, no autocast) and all dtypes agree."""
+        base_layer = self.get_base_layer()
+        if args or kwargs or type(base_layer) not in self._foldable_base_types:
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        weight = base_layer.weight
+        for name in active:
+            if self.training and isinstance(self.hta_dropout[name], nn.Dropout):
+                return False
+            if self.hta_d[name].dtype != weight.dtype or x.dtype != weight.dtype:
+                return False
+        return True
+
 
 class Linear(_HouseholderModule):
     """HTA on an ``nn.Linear`` or on transformers' ``Conv1D`` (``fan_in_fan_out``: weight stored as (in, out))."""
+
+    _foldable_base_types = (nn.Linear, Conv1D)
 
     def _configure(self, config: HouseholderConfig) -> None:
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D) or config.fan_in_fan_out
@@ -398,24 +421,8 @@ class Linear(_HouseholderModule):
         x = self._cast_input_dtype(x, d.dtype)
         return hta_activation_delta(self.hta_dropout[adapter_name](x), *self._factors(adapter_name))
 
-    def _can_fold(self, x: torch.Tensor, active: list[str], kwargs: dict) -> bool:
-        """The folded path computes exactly ``base(x) + x delta_W^T``; it applies when nothing differs between the
-        adapter's input and the base layer's input (no dropout in training) and all dtypes agree."""
-        base_layer = self.get_base_layer()
-        if kwargs or type(base_layer) not in (nn.Linear, Conv1D):
-            return False  # subclasses of nn.Linear (quantised layers ...) keep their own forward
-        weight = base_layer.weight
-        if torch.is_autocast_enabled(x.device.type):
-            return False
-        for name in active:
-            if self.training and isinstance(self.hta_dropout[name], nn.Dropout):
-                return False
-            if self.hta_d[name].dtype != weight.dtype or x.dtype != weight.dtype:
-                return False
-        return True
-
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or not self._can_fold(x, active, kwargs):
+        if not self._can_fold(x, active, args, kwargs):
             return super()._adapted_forward(x, active, *args, **kwargs)
         base_layer = self.get_base_layer()
         weight = base_layer.weight.T if self.fan_in_fan_out else base_layer.weight  # (out, in)
@@ -431,6 +438,8 @@ class Conv2d(_HouseholderModule):
     kernel ``delta_W`` runs on the dropped-out input beside the base convolution.
     """
 
+    _foldable_base_types = (nn.Conv2d,)
+
     def _weight_layout(self, matrix: torch.Tensor) -> torch.Tensor:
         return matrix.view(self.get_base_layer().weight.shape)
 
@@ -441,23 +450,10 @@ class Conv2d(_HouseholderModule):
         return base_layer._conv_forward(self.hta_dropout[adapter_name](x), kernel, None)
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        base_layer = self.get_base_layer()
-        weight = base_layer.weight
-        foldable = (
-            type(base_layer) is nn.Conv2d
-            and not args
-            and not kwargs
-            and not torch.is_autocast_enabled(x.device.type)
-            and x.dtype == weight.dtype
-            and all(
-                self.hta_d[name].dtype == weight.dtype
-                and not (self.training and isinstance(self.hta_dropout[name], nn.Dropout))
-                for name in active
-            )
-        )
-        if not foldable:
+        if not self._can_fold(x, active, args, kwargs):
             return super()._adapted_forward(x, active, *args, **kwargs)
-        kernel = weight
+        base_layer = self.get_base_layer()
+        kernel = base_layer.weight
         for name in active:
             kernel = kernel + self.get_delta_weight(name)  # in the base weight's layout and dtype
         return base_layer._conv_forward(x, kernel, base_layer.bias)
