@@ -37,7 +37,7 @@ from bench_common import fit_exponent, pyplot, time_call, write_results  # noqa:
 from tqdm import tqdm  # noqa: E402
 
 from unitary_rnn.manifold import mark_manifold, project_to_unitary  # noqa: E402
-from unitary_rnn.optim import UnitaryOptimizer, cayley_step  # noqa: E402
+from unitary_rnn.training.optim import UnitaryOptimizer, cayley_step  # noqa: E402
 from unitary_rnn.parametrizations import random_unitary  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -2,7 +2,7 @@
 
 One step = everything an optimizer does with a given gradient G: for projUNN the rank-k approximation of G
 (``sampling``, LSI by default) and the manifold update written in place (``out=W``; ``--projunn-out-of-place`` to
-allocate a new matrix instead); for Cayley ``unitary_rnn.optim.cayley_step`` (its O(N^3) solve dominates). All methods are timed in the same run,
+allocate a new matrix instead); for Cayley ``unitary_rnn.training.optim.cayley_step`` (its O(N^3) solve dominates). All methods are timed in the same run,
 interleaved per N, so the ratios are meaningful on a noisy shared machine. Prints a table (ms per step, speed-up
 against Cayley, fitted log-log exponents) and writes ``benchmarks/results/bench_projunn.{json,png}``.
 
@@ -21,9 +21,9 @@ import torch
 from bench_common import fit_exponent, pyplot, time_call, write_results
 from tqdm import tqdm
 
-from unitary_rnn.optim import cayley_step
+from unitary_rnn.training.optim import cayley_step
 from unitary_rnn.parametrizations import random_unitary
-from unitary_rnn.projunn import projunn_direct_step, projunn_tangent_step
+from unitary_rnn.training.projunn import projunn_direct_step, projunn_tangent_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -10,7 +10,7 @@ autograd loops over complex tensors (dense W; restricted W applied with FFTs eve
 rounds, and each one's best round is reported, so a load spike on a shared machine hits every model
 alike. Ratios are against LSTM-128. The CPU time of the process is reported beside the wall-clock
 time: with ``--threads 1`` it is the compute time without the waits of a shared machine (with more
-threads it sums over them). If ``unitary_rnn.optim.cayley_step`` is importable, one Cayley step
+threads it sums over them). If ``unitary_rnn.training.optim.cayley_step`` is importable, one Cayley step
 is also timed for N = 128 ... 2048 (complex64). Writes ``benchmarks/results/bench_unitary_rnn.json`` and
 ``.png``.
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from unitary_rnn import UnitaryRNNConfig, UnitaryRNNForTokenClassification  # noqa: E402
 from unitary_rnn.cells import RESTRICTED_PARAMETERS  # noqa: E402
 from unitary_rnn.parametrizations import modrelu, restricted_unitary_apply  # noqa: E402
-from unitary_rnn.tasks import CopyMemoryTask  # noqa: E402
+from unitary_rnn.training.tasks import CopyMemoryTask  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -147,9 +147,9 @@ def bench_models(args) -> list[dict]:
 
 def bench_cayley(args) -> list[dict] | str:
     try:
-        from unitary_rnn.optim import cayley_step
+        from unitary_rnn.training.optim import cayley_step
     except ImportError as err:  # optim is built separately; the model benchmark does not need it
-        return f"skipped: unitary_rnn.optim.cayley_step not importable ({err})"
+        return f"skipped: unitary_rnn.training.optim.cayley_step not importable ({err})"
     from unitary_rnn.parametrizations import random_unitary
 
     rows = []

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from unitary_rnn import UnitaryRNNConfig, UnitaryRNNForSequenceClassification, UnitaryRNNForTokenClassification
 from unitary_rnn.manifold import unitarity_error
-from unitary_rnn.optim import create_optimizer
-from unitary_rnn.tasks import AddingTask, CopyMemoryTask
+from unitary_rnn.training.optim import create_optimizer
+from unitary_rnn.training.tasks import AddingTask, CopyMemoryTask
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("cayley", "projunn_t", "projunn_d")

@@ -7,9 +7,8 @@ from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
+from .functional import HOUSEHOLDER_FORMS
 from .registration import HTA_PEFT_TYPE
-
-HOUSEHOLDER_FORMS = ("normalized", "paper")
 
 
 @dataclass

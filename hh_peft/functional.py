@@ -26,7 +26,7 @@ import torch
 HOUSEHOLDER_FORMS = ("normalized", "paper")
 
 
-def householder_coefficient(u: torch.Tensor, form: str = "normalized", eps: float = 1e-12) -> torch.Tensor:
+def householder_coefficient(u: torch.Tensor, householder: str = "normalized", eps: float = 1e-12) -> torch.Tensor:
     """``c(u)`` in ``H(u) = I - c(u) u u^T``.
 
     ``"normalized"``: ``c = 2 / ||u||^2``, which makes ``H(u)`` an exact reflection (orthogonal, symmetric,
@@ -35,13 +35,13 @@ def householder_coefficient(u: torch.Tensor, form: str = "normalized", eps: floa
     ``||u||^2 > eps`` (the "double where"), so neither the value nor its gradient can be NaN or inf.
     ``"paper"``: ``c = 1``, the printed ``I - v v^T`` (orthogonal only when ``||v||^2 = 2``).
     """
-    if form == "normalized":
+    if householder == "normalized":
         square_norm = u @ u
         usable = square_norm > eps
         return torch.where(usable, 2.0 / torch.where(usable, square_norm, 1.0), 0.0)
-    if form == "paper":
+    if householder == "paper":
         return torch.ones((), dtype=u.dtype, device=u.device)
-    raise ValueError(f"unknown Householder form {form!r}; valid: {HOUSEHOLDER_FORMS}")
+    raise ValueError(f"unknown householder {householder!r}; valid: {HOUSEHOLDER_FORMS}")
 
 
 def householder_apply(x: torch.Tensor, u: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
@@ -51,12 +51,12 @@ def householder_apply(x: torch.Tensor, u: torch.Tensor, coefficient: torch.Tenso
 
 
 def hta_scalars(
-    u_in: torch.Tensor, u_out: torch.Tensor, d: torch.Tensor, form: str = "normalized", eps: float = 1e-12
+    u_in: torch.Tensor, u_out: torch.Tensor, d: torch.Tensor, householder: str = "normalized", eps: float = 1e-12
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three scalars of :func:`hta_factors` and :func:`hta_factors_backward`: ``c(u_in)``, ``c(u_out)`` and
     ``s = u_out^T D u_in = sum_i d_i u_out[i] u_in[i]`` (i < m)."""
     m = d.shape[0]
-    return householder_coefficient(u_in, form, eps), householder_coefficient(u_out, form, eps), (d * u_out[:m]) @ u_in[:m]
+    return householder_coefficient(u_in, householder, eps), householder_coefficient(u_out, householder, eps), (d * u_out[:m]) @ u_in[:m]
 
 
 def hta_factors(
@@ -65,7 +65,7 @@ def hta_factors(
     d: torch.Tensor,
     lora_A: torch.Tensor | None = None,
     lora_B: torch.Tensor | None = None,
-    form: str = "normalized",
+    householder: str = "normalized",
     eps: float = 1e-12,
     scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,7 +77,7 @@ def hta_factors(
     :func:`hta_scalars` for these parameters, when the caller already has it.
     """
     m = d.shape[0]
-    c_in, c_out, s = hta_scalars(u_in, u_out, d, form, eps) if scalars is None else scalars
+    c_in, c_out, s = hta_scalars(u_in, u_out, d, householder, eps) if scalars is None else scalars
     q_m = d * u_in[:m]  # D u_in (zero beyond m):    (m,)
     p_m = d * u_out[:m]  # D^T u_out (zero beyond m): (m,)
     rank = lora_A.shape[0] if lora_A is not None else 0
@@ -104,7 +104,7 @@ def hta_factors_backward(
     grad_d: torch.Tensor,
     grad_U: torch.Tensor,
     grad_V: torch.Tensor,
-    form: str = "normalized",
+    householder: str = "normalized",
     eps: float = 1e-12,
     scalars: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -128,7 +128,7 @@ def hta_factors_backward(
     of dispatch, whatever its size, and a ViT runs this for every adapted layer on every step.
     """
     m = d.shape[0]
-    c_in, c_out, s = hta_scalars(u_in, u_out, d, form, eps) if scalars is None else scalars
+    c_in, c_out, s = hta_scalars(u_in, u_out, d, householder, eps) if scalars is None else scalars
     u_in_m, u_out_m = u_in[:m], u_out[:m]
     a_b = grad_V[:, :2].T  # rows a and b: (2, in)
     a_m = a_b[0, :m]
@@ -145,7 +145,7 @@ def hta_factors_backward(
     g_u_in[:m].addcmul_(w, d)
     g_u_out = grad_U[:, 0].clone()
     g_u_out[:m].addcmul_(z, d)
-    if form == "normalized":  # c = 2 / ||u||^2 (or the constant 0 below eps): dc/du = -c^2 u
+    if householder == "normalized":  # c = 2 / ||u||^2 (or the constant 0 below eps): dc/du = -c^2 u
         g_c_in = c_out * s * a_b_dot_u_in[0] - a_b_dot_u_in[1]
         g_c_out = s * c_in_a_u - a_m @ (d * u_out_m)
         g_u_in.sub_(u_in * (g_c_in * c_in * c_in))

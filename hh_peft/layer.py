@@ -43,15 +43,15 @@ SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D, nn.Conv2d)
 
 
 def _combined_factors(
-    params: tuple[Optional[torch.Tensor], ...], forms: tuple[tuple[str, float], ...]
+    params: tuple[Optional[torch.Tensor], ...], householders: tuple[tuple[str, float], ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[tuple[torch.Tensor, ...]]]:
     """``(d, U, V)`` of the sum of several adapters' updates (their ``d`` add, their ``U`` / ``V`` columns
     concatenate), each adapter's number of columns and its `hta_scalars`. ``params`` holds ``(u_in, u_out, d, A,
     B)`` per adapter."""
-    scalars = [hta_scalars(*params[5 * i : 5 * i + 3], form=form, eps=eps) for i, (form, eps) in enumerate(forms)]
+    scalars = [hta_scalars(*params[5 * i : 5 * i + 3], householder=householder, eps=eps) for i, (householder, eps) in enumerate(householders)]
     factors = [
-        hta_factors(*params[5 * i : 5 * i + 5], form=form, eps=eps, scalars=scalars[i])
-        for i, (form, eps) in enumerate(forms)
+        hta_factors(*params[5 * i : 5 * i + 5], householder=householder, eps=eps, scalars=scalars[i])
+        for i, (householder, eps) in enumerate(householders)
     ]
     widths = [f[1].shape[1] for f in factors]
     if len(factors) == 1:
@@ -67,7 +67,7 @@ def _combined_factors(
 class _FoldedHTALinear(torch.autograd.Function):
     """``y = x (W + delta_W)^T + b`` with ``delta_W = D + U V^T`` built from the raw adapter parameters: one matmul
     forward, low-rank adapter gradients backward (and the full ``dW = G^T X`` only when the base weight itself is
-    trainable). ``apply(x, weight, bias, forms, *params)``: ``forms`` is ``((householder, eps), ...)`` and ``params``
+    trainable). ``apply(x, weight, bias, householders, *params)``: ``householders`` is ``((householder, eps), ...)`` and ``params``
     is ``(u_in, u_out, d, A, B)`` per active adapter (``A``, ``B`` None without a low-rank term).
 
     With ``X`` (n, in) and ``G = dL/dy`` (n, out), ``k`` columns in ``U`` / ``V``:
@@ -98,13 +98,13 @@ class _FoldedHTALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, forms, *params):
-        d, U, V, widths, scalars = _combined_factors(params, forms)
+    def forward(ctx, x, weight, bias, householders, *params):
+        d, U, V, widths, scalars = _combined_factors(params, householders)
         xv = None
         if any(ctx.needs_input_grad[4:]):  # before the big matmul, while x (just written upstream) is in cache
             xv = x.reshape(-1, x.shape[-1]) @ V  # (n, k)
         y = F.linear(x, folded_weight(weight, d, U, V), bias)
-        ctx.forms = forms
+        ctx.householders = householders
         ctx.widths = widths
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, xv, d, U, V, *[c for adapter in scalars for c in adapter], *params)
@@ -113,14 +113,14 @@ class _FoldedHTALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, xv, d, U, V, *rest = ctx.saved_tensors
-        n_adapters = len(ctx.forms)
+        n_adapters = len(ctx.householders)
         scalars = [tuple(rest[3 * i : 3 * i + 3]) for i in range(n_adapters)]  # saved flat in forward
         params = rest[3 * n_adapters :]
         x2 = x.reshape(-1, x.shape[-1])  # (n, in)
         if torch.is_grad_enabled():
             # create_graph=True (higher-order gradients): what forward computed without a graph is rebuilt with one,
             # so that every gradient returned below is a differentiable function of x, W and the parameters.
-            d, U, V, _, scalars = _combined_factors(tuple(params), ctx.forms)
+            d, U, V, _, scalars = _combined_factors(tuple(params), ctx.householders)
             if xv is not None:
                 xv = x2 @ V
         g2 = grad_output.reshape(-1, grad_output.shape[-1])  # (n, out)
@@ -133,13 +133,13 @@ class _FoldedHTALinear(torch.autograd.Function):
             m = d.shape[0]
             grad_d = torch.linalg.vecdot(g2[:, :m], x2[:, :m], dim=0)  # (m,)
             start = 0
-            for i, ((form, eps), width) in enumerate(zip(ctx.forms, ctx.widths)):
+            for i, ((householder, eps), width) in enumerate(zip(ctx.householders, ctx.widths)):
                 grads = hta_factors_backward(
                     *params[5 * i : 5 * i + 5],
                     grad_d,
                     grad_U[:, start : start + width],
                     grad_V[:, start : start + width],
-                    form=form,
+                    householder=householder,
                     eps=eps,
                     scalars=scalars[i],
                 )
@@ -161,7 +161,7 @@ class HouseholderLayer(BaseTunerLayer):
     ``A`` (r, in) and ``B`` (out, r). ``in`` is ``in_channels * kh * kw`` for a Conv2d."""
 
     adapter_layer_names = ("hta_u_in", "hta_u_out", "hta_d", "hta_A", "hta_B")
-    other_param_names = ("hta_rank", "hta_householder", "hta_eps", "hta_dropout")
+    other_param_names = ("hta_lora_rank", "hta_householder", "hta_eps", "hta_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -170,7 +170,7 @@ class HouseholderLayer(BaseTunerLayer):
         self.hta_d = nn.ParameterDict({})
         self.hta_A = nn.ParameterDict({})
         self.hta_B = nn.ParameterDict({})
-        self.hta_rank: dict[str, int] = {}
+        self.hta_lora_rank: dict[str, int] = {}
         self.hta_householder: dict[str, str] = {}
         self.hta_eps: dict[str, float] = {}
         self.hta_dropout = nn.ModuleDict({})
@@ -201,7 +201,7 @@ class HouseholderLayer(BaseTunerLayer):
         if rank < 0:
             raise ValueError(f"`lora_rank` must be >= 0, got {rank}")
         m = min(self.in_features, self.out_features)
-        self.hta_rank[adapter_name] = rank
+        self.hta_lora_rank[adapter_name] = rank
         self.hta_householder[adapter_name] = config.householder
         self.hta_eps[adapter_name] = config.eps
         self.hta_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -250,14 +250,14 @@ class HouseholderLayer(BaseTunerLayer):
             self.hta_B.get(adapter_name),
         )
 
-    def _adapter_form(self, adapter_name: str) -> tuple[str, float]:
+    def _adapter_householder(self, adapter_name: str) -> tuple[str, float]:
         """``(householder, eps)`` of ``adapter_name``."""
         return self.hta_householder[adapter_name], self.hta_eps[adapter_name]
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(d, U, V)`` with ``delta_W = D + U V^T`` in the (out, in) layout (functional.hta_factors)."""
-        form, eps = self._adapter_form(adapter_name)
-        return hta_factors(*self._adapter_parameters(adapter_name), form=form, eps=eps)
+        householder, eps = self._adapter_householder(adapter_name)
+        return hta_factors(*self._adapter_parameters(adapter_name), householder=householder, eps=eps)
 
     def _delta_matrix(self, adapter_name: str) -> torch.Tensor:
         """``delta_W`` as an (out, in) matrix in the adapter's dtype (float32 on CPU for half-precision bases)."""
@@ -426,9 +426,9 @@ class Linear(_HouseholderModule):
             return super()._adapted_forward(x, active, *args, **kwargs)
         base_layer = self.get_base_layer()
         weight = base_layer.weight.T if self.fan_in_fan_out else base_layer.weight  # (out, in)
-        forms = tuple(self._adapter_form(name) for name in active)
+        householders = tuple(self._adapter_householder(name) for name in active)
         params = [p for name in active for p in self._adapter_parameters(name)]
-        return _FoldedHTALinear.apply(x, weight, base_layer.bias, forms, *params)
+        return _FoldedHTALinear.apply(x, weight, base_layer.bias, householders, *params)
 
 
 class Conv2d(_HouseholderModule):

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="hta", help=f"one of {', '.join(METHODS)}")
     g.add_argument("--target_preset", default="attn_mlp", help=f"one of {', '.join(PRESET_NAMES)}")
     g.add_argument("--target_modules", default=None, help="comma-separated module names (overrides the preset)")
-    g.add_argument("--hta_rank", type=int, default=1, help="HTA: rank of the additive low-rank term (0: pure Householder)")
+    g.add_argument("--lora_rank", type=int, default=1, help="HTA: rank of the additive low-rank term (0: pure Householder)")
     g.add_argument("--householder", default="normalized", help="HTA: 'normalized' (orthogonal) or 'paper' (I - vv^T)")
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=float, default=None, help="default: lora_r")
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
     # ---- everything that can be wrong with the input fails here, before training ----
     opts = MethodOptions(
         method=args.method, target_preset=args.target_preset, target_modules=args.target_modules,
-        hta_rank=args.hta_rank, householder=args.householder, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_rank=args.lora_rank, householder=args.householder, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         hra_r=args.hra_r, adapter_dropout=args.adapter_dropout,
     )
     validate_method_options(opts)

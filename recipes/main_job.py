@@ -48,7 +48,7 @@ BACKBONE_KWARGS = {"img_size": 28, "patch_size": 7, "embed_dim": 192, "depth": 6
 # learning rate is each method's best validation accuracy over {3e-3, 1e-2} on the default task
 # (HTA 68.4 / 76.2 %, LoRA r=8 78.3 / 32.1 %), as the paper tunes lr per method and task.
 METHOD_ARGS = {
-    "hta": ["--method", "hta", "--hta_rank", "1", "--lr", "1e-2"],
+    "hta": ["--method", "hta", "--lora_rank", "1", "--lr", "1e-2"],
     "lora": ["--method", "lora", "--lora_r", "8", "--lr", "3e-3"],
     "hra": ["--method", "hra", "--hra_r", "8", "--lr", "3e-3"],
     "linear": ["--method", "linear", "--lr", "1e-2"],

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 def build_task(args):
     """(task, train dataset, eval dataset, kind) with kind 'token' (copy), 'regression' (adding) or 'sequence'."""
-    from unitary_rnn import tasks
+    from unitary_rnn.training import tasks
 
     if args.task not in TASKS:
         raise RecipeError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
@@ -210,7 +210,7 @@ def run(args) -> dict:
     task, train_ds, eval_ds, kind = build_task(args)
     model = build_model(args, task, kind)
     if args.model == "urnn":
-        from unitary_rnn.optim import create_optimizer
+        from unitary_rnn.training.optim import create_optimizer
 
         try:
             optimizer = create_optimizer(model, lr=args.lr, unitary_lr=args.unitary_lr)

@@ -11,7 +11,7 @@ NONLINEARITIES = ("modrelu",)
 UNITARY_INITS = ("identity", "random", "restricted")
 INPUT_EMBEDDINGS = ("one_hot", "embedding")
 OPTIMIZERS = ("cayley", "projunn_d", "projunn_t")
-BASE_OPTIMIZERS = ("rmsprop", "adam", "adamw")  # the same choices as unitary_rnn.optim.BASE_OPTIMIZERS
+BASE_OPTIMIZERS = ("rmsprop", "adam", "adamw")  # the same choices as unitary_rnn.training.optim.BASE_OPTIMIZERS
 PROJUNN_SAMPLINGS = ("lsi", "column")
 RESTRICTED_APPLIES = ("auto", "matrix", "fft")
 
@@ -68,7 +68,7 @@ class UnitaryRNNConfig(PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the normal initialisation of the heads and of the embedding.
         optimizer (`str`, defaults to `"cayley"`):
-            Training default for `unitary_rnn.optim.create_optimizer`: `"cayley"` (multiplicative Cayley
+            Training default for `unitary_rnn.training.optim.create_optimizer`: `"cayley"` (multiplicative Cayley
             step), `"projunn_d"` or `"projunn_t"` (rank-k projUNN).
         unitary_learning_rate (`float`, defaults to 1e-4):
             Learning rate of the manifold step on W.

@@ -2,8 +2,8 @@
 
 Drop-in replacements for a square ``nn.Linear`` (``y = x W^T + b``) in any network, e.g. the deep feed-forward
 networks of the projUNN paper. The weight is a plain parameter tagged with :func:`~unitary_rnn.manifold.mark_manifold`;
-it stays on the manifold only if it is trained by a manifold-aware optimizer (``unitary_rnn.optim.UnitaryOptimizer``
-with the Cayley, projUNN-D or projUNN-T step, or the functions of :mod:`unitary_rnn.projunn` directly). A plain
+it stays on the manifold only if it is trained by a manifold-aware optimizer (``unitary_rnn.training.optim.UnitaryOptimizer``
+with the Cayley, projUNN-D or projUNN-T step, or the functions of :mod:`unitary_rnn.training.projunn` directly). A plain
 ``torch.optim`` optimizer would move it off the manifold.
 """
 

@@ -265,7 +265,7 @@ class MethodOptions:
     method: str = "hta"
     target_preset: str = "attn_mlp"
     target_modules: str | None = None
-    hta_rank: int = 1
+    lora_rank: int = 1
     householder: str = "normalized"
     lora_r: int = 8
     lora_alpha: float | None = None
@@ -283,7 +283,7 @@ def validate_method_options(opts: MethodOptions) -> None:
         if opts.method == "hta":
             import hh_peft
 
-            hh_peft.HouseholderConfig(target_modules=["x"], lora_rank=opts.hta_rank, householder=opts.householder,
+            hh_peft.HouseholderConfig(target_modules=["x"], lora_rank=opts.lora_rank, householder=opts.householder,
                                       dropout=opts.adapter_dropout)
         elif opts.method == "lora":
             from peft import LoraConfig
@@ -307,7 +307,7 @@ def peft_config(loaded: LoadedModel, opts: MethodOptions):
 
         return hh_peft.HouseholderConfig(
             target_modules=targets,
-            lora_rank=opts.hta_rank,
+            lora_rank=opts.lora_rank,
             householder=opts.householder,
             dropout=opts.adapter_dropout,
             modules_to_save=[loaded.head],

@@ -15,18 +15,18 @@ from hh_peft.functional import (
 )
 
 
-def dense_householder(u, form, eps=1e-12):
+def dense_householder(u, householder, eps=1e-12):
     eye = torch.eye(u.numel(), dtype=u.dtype)
-    if form == "normalized":
+    if householder == "normalized":
         return eye - 2.0 * torch.outer(u, u) / (u @ u + eps)
     return eye - torch.outer(u, u)
 
 
-def dense_delta(u_in, u_out, d, A, B, form):
+def dense_delta(u_in, u_out, d, A, B, householder):
     out_features, in_features = u_out.numel(), u_in.numel()
     D = torch.zeros(out_features, in_features, dtype=d.dtype)
     D[range(d.numel()), range(d.numel())] = d
-    delta = dense_householder(u_out, form) @ D @ dense_householder(u_in, form)
+    delta = dense_householder(u_out, householder) @ D @ dense_householder(u_in, householder)
     if A is not None:
         delta = delta + B @ A
     return delta
@@ -36,18 +36,18 @@ SHAPES = [(16, 16), (12, 30), (30, 12), (1, 5)]  # (in, out): square, fused-qkv-
 
 
 @pytest.mark.parametrize("in_features, out_features", SHAPES)
-@pytest.mark.parametrize("form", ["normalized", "paper"])
+@pytest.mark.parametrize("householder", ["normalized", "paper"])
 @pytest.mark.parametrize("rank", [0, 1, 3])
-def test_delta_weight_and_activation_path_equal_dense_reference(in_features, out_features, form, rank):
+def test_delta_weight_and_activation_path_equal_dense_reference(in_features, out_features, householder, rank):
     g = torch.Generator().manual_seed(in_features * 100 + out_features + rank)
     kw = dict(dtype=torch.float64, generator=g)
     m = min(in_features, out_features)
     u_in, u_out, d = torch.randn(in_features, **kw), torch.randn(out_features, **kw), torch.randn(m, **kw)
     A = torch.randn(rank, in_features, **kw) if rank else None
     B = torch.randn(out_features, rank, **kw) if rank else None
-    reference = dense_delta(u_in, u_out, d, A, B, form)
+    reference = dense_delta(u_in, u_out, d, A, B, householder)
 
-    factors = hta_factors(u_in, u_out, d, A, B, form=form)
+    factors = hta_factors(u_in, u_out, d, A, B, householder=householder)
     assert factors[1].shape == (out_features, 2 + rank) and factors[2].shape == (in_features, 2 + rank)
     torch.testing.assert_close(delta_weight(*factors), reference, rtol=1e-10, atol=1e-10)
 
@@ -67,14 +67,14 @@ def test_normalized_householder_is_orthogonal_for_any_nonzero_vector(dtype, tol,
         torch.testing.assert_close(H, H.T, rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("form", ["normalized", "paper"])
-def test_zero_householder_vector_gives_finite_values_and_gradients(form):
+@pytest.mark.parametrize("householder", ["normalized", "paper"])
+def test_zero_householder_vector_gives_finite_values_and_gradients(householder):
     u_in = torch.zeros(8, requires_grad=True)
     u_out = torch.zeros(6, requires_grad=True)
     d = torch.randn(6, requires_grad=True)
     A, B = torch.zeros(1, 8, requires_grad=True), torch.zeros(6, 1, requires_grad=True)
     x = torch.randn(4, 8)
-    factors = hta_factors(u_in, u_out, d, A, B, form=form)
+    factors = hta_factors(u_in, u_out, d, A, B, householder=householder)
     out = hta_activation_delta(x, *factors).sum() + delta_weight(*factors).sum()
     out.backward()
     for t in (out, u_in.grad, u_out.grad, d.grad, A.grad, B.grad):
@@ -90,12 +90,12 @@ def test_unknown_householder_form_is_rejected():
         householder_coefficient(torch.ones(3), "householder-x")
 
 
-@pytest.mark.parametrize("form", ["normalized", "paper"])
+@pytest.mark.parametrize("householder", ["normalized", "paper"])
 @pytest.mark.parametrize("shape", [(7, 12), (12, 7), (9, 9)])
 @pytest.mark.parametrize("rank", [0, 1, 3])
 @pytest.mark.parametrize("zero", [None, "u_in", "u_out"])
 @pytest.mark.parametrize("scalars_given, contiguous_grads", [(False, False), (True, True)])
-def test_hta_factors_backward_equals_autograd(form, shape, rank, zero, scalars_given, contiguous_grads):
+def test_hta_factors_backward_equals_autograd(householder, shape, rank, zero, scalars_given, contiguous_grads):
     """The written-out chain rule through hta_factors equals autograd's (float64, 1e-12), including a zero
     Householder vector (the coefficient's eps branch); with the scalars precomputed (as the folded layer passes
     them from forward) or not, and with gradients of U / V in hta_factors' transposed layout or row-major."""
@@ -112,15 +112,15 @@ def test_hta_factors_backward_equals_autograd(form, shape, rank, zero, scalars_g
     A = torch.randn(rank, in_features, dtype=dtype) if rank else None
     B = torch.randn(out_features, rank, dtype=dtype) if rank else None
     inputs = [t.requires_grad_() for t in (u_in, u_out, d, A, B) if t is not None]
-    d_out, U, V = hta_factors(u_in, u_out, d, A, B, form=form)
+    d_out, U, V = hta_factors(u_in, u_out, d, A, B, householder=householder)
     grad_d, grad_U, grad_V = torch.randn_like(d_out), torch.randn_like(U), torch.randn_like(V)
     assert grad_U.stride(0) == 1  # randn_like keeps hta_factors' (k, out) row layout
     expected = torch.autograd.grad((d_out * grad_d).sum() + (U * grad_U).sum() + (V * grad_V).sum(), inputs)
     if contiguous_grads:
         grad_U, grad_V = grad_U.contiguous(), grad_V.contiguous()
     with torch.no_grad():
-        scalars = hta_scalars(u_in, u_out, d, form=form) if scalars_given else None
-        grads = hta_factors_backward(u_in, u_out, d, A, B, grad_d, grad_U, grad_V, form=form, scalars=scalars)
+        scalars = hta_scalars(u_in, u_out, d, householder=householder) if scalars_given else None
+        grads = hta_factors_backward(u_in, u_out, d, A, B, grad_d, grad_U, grad_V, householder=householder, scalars=scalars)
         ours = [g for g in grads if g is not None]
     assert len(ours) == len(expected)
     for a, b in zip(ours, expected):

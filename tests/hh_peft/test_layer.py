@@ -52,10 +52,10 @@ def _raw_adapter(in_features, out_features, rank, dtype=torch.float64):
     return [p.requires_grad_() if p is not None else None for p in params]
 
 
-@pytest.mark.parametrize("form", ["normalized", "paper"])
+@pytest.mark.parametrize("householder", ["normalized", "paper"])
 @pytest.mark.parametrize("shape", [(10, 24), (24, 10), (16, 16)])
 @pytest.mark.parametrize("adapter_ranks", [(1,), (0,), (2, 0)])
-def test_folded_function_gradients_equal_autograd_of_the_explicit_form(shape, form, adapter_ranks):
+def test_folded_function_gradients_equal_autograd_of_the_explicit_form(shape, householder, adapter_ranks):
     """The hand-written backward (low-rank contractions + hta_factors_backward) against torch's numerical gradient
     and against autograd through the dense reference, with one adapter or two stacked ones (float64)."""
     in_features, out_features = shape
@@ -63,14 +63,14 @@ def test_folded_function_gradients_equal_autograd_of_the_explicit_form(shape, fo
     x = torch.randn(5, 3, in_features, dtype=dtype, requires_grad=True)
     weight = torch.randn(out_features, in_features, dtype=dtype, requires_grad=True)
     bias = torch.randn(out_features, dtype=dtype, requires_grad=True)
-    forms = tuple((form, 1e-12) for _ in adapter_ranks)
+    householders = tuple((householder, 1e-12) for _ in adapter_ranks)
     params = [p for r in adapter_ranks for p in _raw_adapter(in_features, out_features, r)]
-    torch.autograd.gradcheck(lambda x, w, b, *ps: _FoldedHTALinear.apply(x, w, b, forms, *ps), (x, weight, bias, *params))
+    torch.autograd.gradcheck(lambda x, w, b, *ps: _FoldedHTALinear.apply(x, w, b, householders, *ps), (x, weight, bias, *params))
 
-    y = _FoldedHTALinear.apply(x, weight, bias, forms, *params)
+    y = _FoldedHTALinear.apply(x, weight, bias, householders, *params)
     reference = x @ weight.T + bias
     for i in range(len(adapter_ranks)):
-        reference = reference + hh_peft.hta_activation_delta(x, *hh_peft.hta_factors(*params[5 * i : 5 * i + 5], form=form))
+        reference = reference + hh_peft.hta_activation_delta(x, *hh_peft.hta_factors(*params[5 * i : 5 * i + 5], householder=householder))
     torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
     probe = torch.randn_like(y)
     inputs = [t for t in (x, weight, bias, *params) if t is not None]
@@ -80,9 +80,9 @@ def test_folded_function_gradients_equal_autograd_of_the_explicit_form(shape, fo
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("form", ["normalized", "paper"])
+@pytest.mark.parametrize("householder", ["normalized", "paper"])
 @pytest.mark.parametrize("adapter_ranks", [(1,), (2, 0)])
-def test_folded_function_second_order_gradients(form, adapter_ranks):
+def test_folded_function_second_order_gradients(householder, adapter_ranks):
     """Higher-order gradients (``create_graph=True``: gradient penalties, meta-learning) through the folded layer:
     torch's numerical second-order check, and a gradient penalty on the input equal to the dense reference's
     (float64)."""
@@ -90,9 +90,9 @@ def test_folded_function_second_order_gradients(form, adapter_ranks):
     x = torch.randn(3, 7, dtype=dtype, requires_grad=True)
     weight = torch.randn(9, 7, dtype=dtype, requires_grad=True)
     bias = torch.randn(9, dtype=dtype, requires_grad=True)
-    forms = tuple((form, 1e-12) for _ in adapter_ranks)
+    householders = tuple((householder, 1e-12) for _ in adapter_ranks)
     params = [p for r in adapter_ranks for p in _raw_adapter(7, 9, r)]
-    torch.autograd.gradgradcheck(lambda x, w, b, *ps: _FoldedHTALinear.apply(x, w, b, forms, *ps), (x, weight, bias, *params))
+    torch.autograd.gradgradcheck(lambda x, w, b, *ps: _FoldedHTALinear.apply(x, w, b, householders, *ps), (x, weight, bias, *params))
 
     def penalty(forward):
         (grad_x,) = torch.autograd.grad(forward().tanh().sum(), x, create_graph=True)
@@ -101,11 +101,11 @@ def test_folded_function_second_order_gradients(form, adapter_ranks):
     def reference():
         y = x @ weight.T + bias
         for i in range(len(adapter_ranks)):
-            y = y + hh_peft.hta_activation_delta(x, *hh_peft.hta_factors(*params[5 * i : 5 * i + 5], form=form))
+            y = y + hh_peft.hta_activation_delta(x, *hh_peft.hta_factors(*params[5 * i : 5 * i + 5], householder=householder))
         return y
 
     inputs = [t for t in (x, weight, bias, *params) if t is not None]
-    ours = torch.autograd.grad(penalty(lambda: _FoldedHTALinear.apply(x, weight, bias, forms, *params)), inputs)
+    ours = torch.autograd.grad(penalty(lambda: _FoldedHTALinear.apply(x, weight, bias, householders, *params)), inputs)
     expected = torch.autograd.grad(penalty(reference), inputs)
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -113,7 +113,7 @@ def test_folded_function_second_order_gradients(form, adapter_ranks):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_folded_function_zero_householder_vector_gives_finite_gradients(dtype):
-    """A zero u_in / u_out (H = I under the normalized form) goes through the hand-written backward without NaN, and
+    """A zero u_in / u_out (H = I under the normalized householder) goes through the hand-written backward without NaN, and
     its gradient equals autograd's through the double-where coefficient."""
     x = torch.randn(4, 6, dtype=dtype, requires_grad=True)
     weight = torch.randn(5, 6, dtype=dtype)
@@ -121,8 +121,8 @@ def test_folded_function_zero_householder_vector_gives_finite_gradients(dtype):
     with torch.no_grad():
         params[0].zero_()
         params[1].zero_()
-    forms = (("normalized", 1e-12),)
-    y = _FoldedHTALinear.apply(x, weight, None, forms, *params)
+    householders = (("normalized", 1e-12),)
+    y = _FoldedHTALinear.apply(x, weight, None, householders, *params)
     grads = torch.autograd.grad(y.square().sum(), [x, *params])
     reference = x @ weight.T + hh_peft.hta_activation_delta(x, *hh_peft.hta_factors(*params))
     expected = torch.autograd.grad(reference.square().sum(), [x, *params])

@@ -94,7 +94,7 @@ def _tiny_timm_folder(tmp_path):
         (["--target_preset", "qv"], "fuses q, k, v"),
         (["--dataset", "no-such-owner-hh/no-such-dataset"], "dataset 'no-such-owner-hh/no-such-dataset' could not be loaded"),
         (["--model", "no_such_model_hh"], "model 'no_such_model_hh' not found"),
-        (["--hta_rank", "-1"], "--method hta:"),
+        (["--lora_rank", "-1"], "--method hta:"),
         (["--householder", "exact"], "--method hta:"),
         (["--model_kwargs", "{bad json"], "--model_kwargs is not a JSON object"),
     ],

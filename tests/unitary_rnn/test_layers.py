@@ -8,8 +8,8 @@ from torch import nn
 
 from unitary_rnn.layers import OrthogonalLinear, UnitaryLinear
 from unitary_rnn.manifold import manifold_of, unitarity_error
-from unitary_rnn.optim import create_optimizer
-from unitary_rnn.projunn import projunn_tangent_step
+from unitary_rnn.training.optim import create_optimizer
+from unitary_rnn.training.projunn import projunn_tangent_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
 

@@ -288,8 +288,8 @@ def test_trust_remote_code_in_fresh_process(tmp_path):
 @pytest.mark.parametrize("kw", [dict(), dict(field="real"), dict(parametrization="restricted")])
 def test_training_lowers_loss_and_keeps_w_on_the_manifold(kw):
     """A short copy task trained with the project's optimizer from the config's defaults."""
-    optim = pytest.importorskip("unitary_rnn.optim")
-    from unitary_rnn.tasks import CopyMemoryTask
+    optim = pytest.importorskip("unitary_rnn.training.optim")
+    from unitary_rnn.training.tasks import CopyMemoryTask
 
     task = CopyMemoryTask(delay=5, copy_length=3, num_symbols=4)
     data = task.generate(64, seed=0)

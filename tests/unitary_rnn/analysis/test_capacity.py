@@ -1,4 +1,4 @@
-"""Tests for unitary_rnn.capacity: the Jacobian-rank capacity checker."""
+"""Tests for unitary_rnn.analysis.capacity: the Jacobian-rank capacity checker."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from unitary_rnn.capacity import (
+from unitary_rnn.analysis.capacity import (
     CapacityReport,
     capacity_report,
     capacity_table,

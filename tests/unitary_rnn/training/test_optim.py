@@ -1,4 +1,4 @@
-"""Tests for unitary_rnn.optim: the Cayley step, UnitaryOptimizer, create_optimizer."""
+"""Tests for unitary_rnn.training.optim: the Cayley step, UnitaryOptimizer, create_optimizer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from unitary_rnn.manifold import manifold_of, mark_manifold, unitarity_error
-from unitary_rnn.optim import UnitaryOptimizer, cayley_step, create_optimizer, manifold_step, rmsprop_scale_, skew_gradient
+from unitary_rnn.training.optim import UnitaryOptimizer, cayley_step, create_optimizer, manifold_step, rmsprop_scale_, skew_gradient
 
 
 def random_unitary(n: int, dtype=torch.complex128, seed: int = 0) -> torch.Tensor:
@@ -429,15 +429,15 @@ def test_transformers_trainer(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# projUNN dispatch (only once unitary_rnn/projunn.py exists)
+# projUNN dispatch (only once unitary_rnn/training/projunn.py exists)
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("unitary_rnn.projunn") is None, reason="unitary_rnn.projunn not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("unitary_rnn.training.projunn") is None, reason="unitary_rnn.training.projunn not written yet")
 @pytest.mark.parametrize("method", ["projunn_d", "projunn_t"])
 @pytest.mark.parametrize("dtype", [torch.complex128, torch.float64])
 def test_projunn_dispatch(method, dtype):
-    from unitary_rnn import projunn
+    from unitary_rnn.training import projunn
 
     fn = projunn.projunn_direct_step if method == "projunn_d" else projunn.projunn_tangent_step
     W = mark_manifold(nn.Parameter(random_unitary(8, dtype)))
@@ -465,7 +465,7 @@ def test_manifold_step_out_is_written_in_place(method):
 def test_config_and_optimizer_accept_the_same_base_optimizers():
     from unitary_rnn import UnitaryRNNConfig
     from unitary_rnn.configuration_unitary_rnn import BASE_OPTIMIZERS as CONFIG_CHOICES
-    from unitary_rnn.optim import BASE_OPTIMIZERS
+    from unitary_rnn.training.optim import BASE_OPTIMIZERS
 
     assert CONFIG_CHOICES == BASE_OPTIMIZERS
     model = UnitaryRegression(4)
@@ -473,7 +473,7 @@ def test_config_and_optimizer_accept_the_same_base_optimizers():
     assert {g["base_optimizer"] for g in create_optimizer(model).param_groups} == {"adamw"}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("unitary_rnn.projunn") is None, reason="unitary_rnn.projunn not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("unitary_rnn.training.projunn") is None, reason="unitary_rnn.training.projunn not written yet")
 @pytest.mark.parametrize("method", ["projunn_d", "projunn_t"])
 def test_projunn_optimizer_descends(method):
     torch.manual_seed(0)
@@ -494,7 +494,7 @@ import os, sys, torch, torch.distributed as dist
 from torch import nn
 from safetensors.torch import save_file
 from unitary_rnn.manifold import mark_manifold
-from unitary_rnn.optim import create_optimizer
+from unitary_rnn.training.optim import create_optimizer
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -570,7 +570,7 @@ def test_ddp_gloo_complex_gradients(tmp_path):
 @pytest.mark.parametrize("method", ["cayley", "projunn_t"])
 def test_create_optimizer_trains_unitary_rnn_on_copy_task(method):
     from unitary_rnn import UnitaryRNNConfig, UnitaryRNNForTokenClassification
-    from unitary_rnn.tasks import CopyMemoryTask
+    from unitary_rnn.training.tasks import CopyMemoryTask
 
     task = CopyMemoryTask(delay=5)
     config = UnitaryRNNConfig(hidden_size=16, vocab_size=task.vocab_size, num_labels=task.num_labels, unitary_init="random",

@@ -7,7 +7,7 @@ Conventions
 ``G`` is ``W.grad`` exactly as PyTorch gives it. For a real loss ``L`` of a complex ``W`` PyTorch stores
 ``dL/dRe(W) + i dL/dIm(W)``, the steepest *ascent* direction of ``L`` in ``C^{N x N} = R^{2 N x N}``, so
 ``W - lr * G`` would descend (off the manifold). The Cayley step below is the manifold version of that
-descent; ``tests/unitary_rnn/test_optim.py`` checks that the loss goes down.
+descent; ``tests/unitary_rnn/training/test_optim.py`` checks that the loss goes down.
 
 Learning-rate schedules
 -----------------------
@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .manifold import manifold_of, project_to_unitary, unitarity_error
+from ..manifold import manifold_of, project_to_unitary, unitarity_error
 
 METHODS = ("cayley", "projunn_d", "projunn_t")
 BASE_OPTIMIZERS = ("rmsprop", "adam", "adamw")
@@ -87,7 +87,7 @@ def manifold_step(W: torch.Tensor, G: torch.Tensor, lr: float, method: str = "ca
                   sampling: str = "lsi", generator: torch.Generator | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch one manifold step: ``"cayley"`` (:func:`cayley_step`), ``"projunn_d"`` / ``"projunn_t"``
-    (``unitary_rnn.projunn.projunn_direct_step`` / ``projunn_tangent_step``, rank-``rank`` updates).
+    (``unitary_rnn.training.projunn.projunn_direct_step`` / ``projunn_tangent_step``, rank-``rank`` updates).
 
     ``out`` (may be ``W`` itself) receives the new matrix; projUNN writes it there without allocating an N x N
     temporary, the Cayley step (a dense solve) copies its result in."""

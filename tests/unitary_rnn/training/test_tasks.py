@@ -1,4 +1,4 @@
-"""Tests for unitary_rnn.tasks: exact specs of copy memory, adding, pixel MNIST, and the offline loaders."""
+"""Tests for unitary_rnn.training.tasks: exact specs of copy memory, adding, pixel MNIST, and the offline loaders."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unitary_rnn.tasks import (
+from unitary_rnn.training.tasks import (
     FASHION_MNIST_DIR,
     AddingTask,
     CopyMemoryTask,

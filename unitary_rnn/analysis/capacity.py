@@ -18,7 +18,7 @@ For O(N) (real ``W``) the tangent coordinates are the strict upper triangle of a
 rounding exactly when the map lands on the manifold. ``gap = s[rank-1] / s[rank]`` shows how cleanly
 the numerical rank is separated (a large gap, e.g. 1e10, means no doubt).
 
-``python -m unitary_rnn.capacity`` prints the rank table for N = 2..16.
+``python -m unitary_rnn.analysis.capacity`` prints the rank table for N = 2..16.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .manifold import unitarity_error
+from ..manifold import unitarity_error
 
 DEFAULT_RTOL = 1e-8
 
@@ -129,7 +129,7 @@ def numerical_rank(J: torch.Tensor, rtol: float = DEFAULT_RTOL) -> tuple[int, fl
 def restricted_parametrization(n: int, generator: torch.Generator | None = None):
     """``(fn, theta0)`` for the restricted product of :func:`unitary_rnn.parametrizations.restricted_unitary_matrix`
     with a random fixed permutation; ``theta`` = ``[theta1; theta2; theta3; reflection1; reflection2]`` (7N)."""
-    from .parametrizations import random_restricted_parameters, restricted_unitary_matrix
+    from ..parametrizations import random_restricted_parameters, restricted_unitary_matrix
 
     params = random_restricted_parameters(n, generator=generator, dtype=torch.float64)
     permutation = params.pop("permutation")
@@ -150,7 +150,7 @@ def full_parametrization(n: int, generator: torch.Generator | None = None, manif
 
     the Cayley retraction that the multiplicative optimizer step uses, with ``N^2`` (``N(N-1)/2``)
     parameters, evaluated at a random ``theta0``."""
-    from .parametrizations import random_unitary
+    from ..parametrizations import random_unitary
 
     dtype = torch.complex128 if manifold == "unitary" else torch.float64
     W0 = random_unitary(n, generator=generator, dtype=dtype)

@@ -1,10 +1,10 @@
-"""projUNN-D / projUNN-T (unitary_rnn.projunn) against dense references, edge cases, drift and descent."""
+"""projUNN-D / projUNN-T (unitary_rnn.training.projunn) against dense references, edge cases, drift and descent."""
 
 import pytest
 import torch
 
 from unitary_rnn.manifold import project_to_unitary, unitarity_error
-from unitary_rnn.projunn import (
+from unitary_rnn.training.projunn import (
     expm_low_rank_tangent,
     low_rank_approximation,
     polar_low_rank_update,
