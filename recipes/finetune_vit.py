@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,12 +33,17 @@ from recipes.common import RecipeError
 from recipes.common.data import BUILTIN_DATASETS, ImageCollator, load_image_dataset, loader_view
 from recipes.common.metrics import load_accuracy
 from recipes.common.training import (
-    TrainState,
-    checkpoint_folder,
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    check_run_args,
     plot_training_curves,
     replica_max_abs_diff,
-    resume_from_checkpoint,
     run_recipe,
+    train,
+    write_json,
 )
 from recipes.common.models import (
     METHODS,
@@ -117,25 +121,27 @@ def evaluate_accuracy(accelerator, loaded, model, loader, metric) -> float:
     return float(metric.compute()["accuracy"])
 
 
+#: valid values of the numeric flags (checked before any work)
+FLAG_RANGES = {
+    "image_size": POSITIVE_INT, "max_train_samples": POSITIVE_INT, "max_eval_samples": POSITIVE_INT,
+    "lora_r": POSITIVE_INT, "lora_alpha": POSITIVE, "hra_r": POSITIVE_INT, "adapter_dropout": FRACTION,
+    "epochs": POSITIVE, "max_train_steps": POSITIVE_INT, "batch_size": POSITIVE_INT, "eval_batch_size": POSITIVE_INT,
+    "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup_ratio": FRACTION, "gradient_accumulation_steps": POSITIVE_INT,
+    "eval_every": POSITIVE_INT, "eval_epochs": POSITIVE, "num_workers": NON_NEGATIVE_INT, "threads": POSITIVE_INT,
+    "checkpointing_steps": POSITIVE_INT,
+}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train, evaluate and save as ``args`` says; returns the metrics dict (on every process)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
+    # ---- everything that can be wrong with the input fails here, before any work ----
     if args.method not in METHODS:
         raise RecipeError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        project_config=ProjectConfiguration(project_dir=str(output_dir)),
-    )
-    set_seed(args.seed)
-
-    # ---- everything that can be wrong with the input fails here, before training ----
+    resume_from = check_run_args(args, FLAG_RANGES)
     opts = MethodOptions(
         method=args.method, target_preset=args.target_preset, target_modules=args.target_modules,
         lora_rank=args.lora_rank, householder=args.householder, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
@@ -146,6 +152,16 @@ def run(args: argparse.Namespace) -> dict:
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as err:
         raise RecipeError(f"--model_kwargs is not a JSON object: {err}") from err
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    set_seed(args.seed)
+
     dsd = load_image_dataset(
         args.dataset, config=args.dataset_config, image_column=args.image_column, label_column=args.label_column,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples, seed=args.seed,
@@ -166,81 +182,36 @@ def run(args: argparse.Namespace) -> dict:
     trainable, total = count_parameters(model)
 
     collate = ImageCollator(spec)
-    generator = torch.Generator().manual_seed(args.seed)
     train_loader = torch.utils.data.DataLoader(
         loader_view(dsd["train"]), batch_size=args.batch_size, shuffle=True, drop_last=True,
-        collate_fn=collate, num_workers=args.num_workers, generator=generator,
+        collate_fn=collate, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
     )
-    val_loader = torch.utils.data.DataLoader(
-        loader_view(dsd["validation"]), batch_size=args.eval_batch_size, collate_fn=collate, num_workers=args.num_workers
-    )
-    test_loader = torch.utils.data.DataLoader(
-        loader_view(dsd["test"]), batch_size=args.eval_batch_size, collate_fn=collate, num_workers=args.num_workers
-    )
-    if len(train_loader) == 0:
-        raise RecipeError(f"the training split has {len(dsd['train'])} images, fewer than one batch of {args.batch_size}")
+    val_loader, test_loader = accelerator.prepare(*(
+        torch.utils.data.DataLoader(loader_view(dsd[split]), batch_size=args.eval_batch_size, collate_fn=collate,
+                                    num_workers=args.num_workers)
+        for split in ("validation", "test")))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    train_loader, val_loader, test_loader = accelerator.prepare(train_loader, val_loader, test_loader)
-
-    # A step is one optimizer update; len(train_loader) is now per process.
-    updates_per_epoch = max(1, len(train_loader) // args.gradient_accumulation_steps)
-    total_steps = args.max_train_steps or max(1, int(round(args.epochs * updates_per_epoch)))
-    # accelerate's prepared scheduler advances num_processes times per update: size it accordingly.
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer,
-        num_warmup_steps=int(args.warmup_ratio * total_steps) * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     with accelerator.main_process_first():  # the metric module is compiled into a shared cache once
         metric = load_accuracy()
-    state = TrainState(("step", "loss", "lr", "eval_step", "val_accuracy"))
-    accelerator.register_for_checkpointing(state)
 
-    if args.resume_from_checkpoint:
-        resume_from_checkpoint(accelerator, output_dir, args.resume_from_checkpoint, state)
+    def make_scheduler(optimizer, total_steps: int, num_processes: int):
+        return get_cosine_schedule_with_warmup(
+            optimizer, num_warmup_steps=int(args.warmup_ratio * total_steps) * num_processes,
+            num_training_steps=total_steps * num_processes)
 
-    from tqdm.auto import tqdm
+    def loss_fn(model, batch):
+        pixels, labels = batch
+        return F.cross_entropy(loaded.forward_logits(model, pixels), labels)
 
-    progress = tqdm(total=total_steps, initial=state.step, disable=args.quiet or not accelerator.is_local_main_process,
-                    desc=f"{args.method}", dynamic_ncols=True)
-    eval_every = args.eval_every or max(1, int(round(args.eval_epochs * updates_per_epoch)))
-    model.train()
-    t0 = time.perf_counter()
-    while state.step < total_steps:
-        epoch, done_in_epoch = divmod(state.step, updates_per_epoch)
-        train_loader.set_epoch(epoch)
-        loader = train_loader
-        if done_in_epoch:
-            loader = accelerator.skip_first_batches(train_loader, done_in_epoch * args.gradient_accumulation_steps)
-        for pixels, labels in loader:
-            with accelerator.accumulate(model):
-                loss = F.cross_entropy(loaded.forward_logits(model, pixels), labels)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            progress.update(1)
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            state.history["step"].append(state.step)
-            state.history["loss"].append(mean_loss)
-            state.history["lr"].append(scheduler.get_last_lr()[0])
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
-            if state.step % eval_every == 0 or state.step == total_steps:
-                acc = evaluate_accuracy(accelerator, loaded, model, val_loader, metric)
-                state.history["eval_step"].append(state.step)
-                state.history["val_accuracy"].append(acc)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", val_acc=f"{acc:.4f}")
-            if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-                accelerator.save_state(str(checkpoint_folder(output_dir, state.step)))
-            if state.step >= total_steps or (updates_per_epoch and state.step % updates_per_epoch == 0):
-                break
-    progress.close()
-    train_time = time.perf_counter() - t0
+    result = train(
+        accelerator, model, optimizer, train_loader, loss_fn, output_dir=output_dir,
+        max_train_steps=args.max_train_steps, epochs=args.epochs, make_scheduler=make_scheduler,
+        evaluate=lambda model: {"val_accuracy": evaluate_accuracy(accelerator, loaded, model, val_loader, metric)},
+        eval_every=args.eval_every, eval_epochs=args.eval_epochs, checkpointing_steps=args.checkpointing_steps,
+        resume_from=resume_from, desc=args.method, quiet=args.quiet,
+    )
+    model, state = result.model, result.state
     test_acc = evaluate_accuracy(accelerator, loaded, model, test_loader, metric)
     replica_diff = replica_max_abs_diff(accelerator, model)
 
@@ -255,9 +226,10 @@ def run(args: argparse.Namespace) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "steps": state.step,
-        "train_time_s": train_time,
-        "val_accuracy": state.history["val_accuracy"][-1] if state.history["val_accuracy"] else None,
+        "train_time_s": state.train_time_s,
+        "val_accuracy": state.history["val_accuracy"][-1] if state.history.get("val_accuracy") else None,
         "test_accuracy": test_acc,
+        "threads": torch.get_num_threads(),
         "distributed": {
             "num_processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type),
@@ -278,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
                 trainable_params=trainable, num_labels=num_labels, model_family=loaded.family,
             )
         save_model(loaded, unwrapped, output_dir, args.method)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(output_dir / "metrics.json", metrics)
         if not args.no_plot:
             plot_training_curves(output_dir / "training_curves.png", f"{args.method} on {args.dataset}", state.history,
                                  accuracy_key="val_accuracy", loss_scale="log")

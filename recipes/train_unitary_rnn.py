@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -32,12 +31,15 @@ from torch import nn
 
 from recipes.common import RecipeError
 from recipes.common.training import (
-    TrainState,
-    checkpoint_folder,
+    POSITIVE,
+    POSITIVE_INT,
+    Range,
+    check_run_args,
     plot_training_curves,
     replica_max_abs_diff,
-    resume_from_checkpoint,
     run_recipe,
+    train,
+    write_json,
 )
 
 TASKS = ("copy", "adding", "pixel_mnist", "permuted_pixel_mnist")
@@ -82,19 +84,13 @@ def build_task(args):
     """(task, train dataset, eval dataset, kind) with kind 'token' (copy), 'regression' (adding) or 'sequence'."""
     from unitary_rnn.training import tasks
 
-    if args.task not in TASKS:
-        raise RecipeError(f"unknown --task {args.task!r}; choose one of {', '.join(TASKS)}")
     n_eval = args.eval_batches * args.batch_size
     n_train = args.train_samples or args.max_train_steps * args.batch_size
     if args.task in ("copy", "adding"):
-        if args.seq_len < 2:
-            raise RecipeError(f"--seq_len must be at least 2, got {args.seq_len}")
         task = tasks.CopyMemoryTask(delay=args.seq_len) if args.task == "copy" else tasks.AddingTask(length=args.seq_len)
         # train and eval from different seeds: disjoint random draws
         kind = "token" if args.task == "copy" else "regression"
         return task, task.torch_dataset(n_train, seed=args.seed), task.torch_dataset(n_eval, seed=10_000 + args.seed), kind
-    if args.dataset not in PIXEL_DATASETS:
-        raise RecipeError(f"unknown --dataset {args.dataset!r} for a pixel task; choose one of {', '.join(PIXEL_DATASETS)}")
     from recipes.common.data import load_fashion_mnist_arrays, load_mnist_5k_arrays, stratified_split
 
     permuted = args.task == "permuted_pixel_mnist"
@@ -137,8 +133,6 @@ class LSTMBaseline(nn.Module):
 
 
 def build_model(args, task, kind: str):
-    if args.model not in MODELS:
-        raise RecipeError(f"unknown --model {args.model!r}; choose one of {', '.join(MODELS)}")
     num_labels = 1 if kind == "regression" else task.num_labels
     vocab = getattr(task, "vocab_size", None) if kind == "token" else None
     input_size = vocab if vocab else task.input_size
@@ -197,10 +191,33 @@ def evaluate(accelerator, model, loader, kind: str) -> dict:
     return result
 
 
+#: valid values of the numeric flags (checked before any work)
+FLAG_RANGES = {
+    "seq_len": Range(low=2, integer=True), "hidden_size": POSITIVE_INT, "rank": POSITIVE_INT, "lr": POSITIVE,
+    "unitary_lr": POSITIVE, "batch_size": POSITIVE_INT, "max_train_steps": POSITIVE_INT, "train_samples": POSITIVE_INT,
+    "eval_batches": POSITIVE_INT, "eval_every": POSITIVE_INT, "threads": POSITIVE_INT, "checkpointing_steps": POSITIVE_INT,
+}
+
+
+def check_args(args) -> Path | None:
+    """Every check that needs no data or model: names, numeric ranges, ``--rank <= --hidden_size``, the output
+    folder and the checkpoint to resume from (returned)."""
+    for flag, valid in (("task", TASKS), ("model", MODELS)):
+        if getattr(args, flag) not in valid:
+            raise RecipeError(f"unknown --{flag} {getattr(args, flag)!r}; choose one of {', '.join(valid)}")
+    if "pixel" in args.task and args.dataset not in PIXEL_DATASETS:
+        raise RecipeError(f"unknown --dataset {args.dataset!r} for a pixel task; choose one of {', '.join(PIXEL_DATASETS)}")
+    resume_from = check_run_args(args, FLAG_RANGES)
+    if args.model == "urnn" and args.optimizer.startswith("projunn") and args.rank > args.hidden_size:
+        raise RecipeError(f"--rank must be an integer in [1, --hidden_size {args.hidden_size}], got {args.rank}")
+    return resume_from
+
+
 def run(args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+    resume_from = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)
@@ -220,52 +237,21 @@ def run(args) -> dict:
         optimizer = torch.optim.RMSprop(model.parameters(), lr=args.lr)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                                generator=torch.Generator().manual_seed(args.seed))
-    eval_loader = torch.utils.data.DataLoader(eval_ds, batch_size=args.batch_size)
-    if len(train_loader) == 0:
-        raise RecipeError(f"the training set has {len(train_ds)} sequences, fewer than one batch of {args.batch_size}")
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    eval_loader = accelerator.prepare(torch.utils.data.DataLoader(eval_ds, batch_size=args.batch_size))
     trainable = sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters() if p.requires_grad)
-    eval_every = args.eval_every or max(1, args.max_train_steps // 10)
 
-    from tqdm.auto import tqdm
+    def evaluate_figures(model) -> dict:
+        figures = evaluate(accelerator, model, eval_loader, kind)
+        return {"eval_loss": figures["loss"], "eval_accuracy": figures.get("accuracy")}
 
-    state = TrainState(("step", "loss", "eval_step", "eval_loss", "eval_accuracy"))
-    accelerator.register_for_checkpointing(state)
-    if args.resume_from_checkpoint:
-        resume_from_checkpoint(accelerator, output_dir, args.resume_from_checkpoint, state)
+    result = train(
+        accelerator, model, optimizer, train_loader, lambda model, batch: _loss(model(**batch)), output_dir=output_dir,
+        max_train_steps=args.max_train_steps, evaluate=evaluate_figures, eval_every=args.eval_every,
+        checkpointing_steps=args.checkpointing_steps, resume_from=resume_from, desc=f"{args.model} {args.task}",
+        quiet=args.quiet,
+    )
+    model, state = result.model, result.state
     history = state.history
-    steps_per_epoch = len(train_loader)
-    progress = tqdm(total=args.max_train_steps, initial=state.step,
-                    disable=args.quiet or not accelerator.is_local_main_process,
-                    desc=f"{args.model} {args.task}", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    model.train()
-    while state.step < args.max_train_steps:
-        epoch, done_in_epoch = divmod(state.step, steps_per_epoch)
-        train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, done_in_epoch) if done_in_epoch else train_loader
-        for batch in loader:
-            loss = _loss(model(**batch))
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            state.step += 1
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            history["step"].append(state.step)
-            history["loss"].append(mean_loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss:.4f}")
-            if state.step % eval_every == 0 or state.step == args.max_train_steps:
-                ev = evaluate(accelerator, model, eval_loader, kind)
-                history["eval_step"].append(state.step)
-                history["eval_loss"].append(ev["loss"])
-                history["eval_accuracy"].append(ev.get("accuracy"))
-            if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-                accelerator.save_state(str(checkpoint_folder(output_dir, state.step)))
-            if state.step >= args.max_train_steps or state.step % steps_per_epoch == 0:
-                break
-    progress.close()
-    train_time = time.perf_counter() - t0
 
     unwrapped = accelerator.unwrap_model(model)
     metrics = {
@@ -274,8 +260,9 @@ def run(args) -> dict:
         "parametrization": args.parametrization if args.model == "urnn" else None,
         "optimizer": args.optimizer if args.model == "urnn" else "rmsprop", "rank": args.rank,
         "hidden_size": args.hidden_size, "trainable_params_real": trainable, "steps": state.step,
-        "train_time_s": train_time, "baseline_loss": float(task.baseline_loss),
+        "train_time_s": state.train_time_s, "baseline_loss": float(task.baseline_loss),
         "eval_loss": history["eval_loss"][-1], "eval_accuracy": history["eval_accuracy"][-1],
+        "threads": torch.get_num_threads(),
         "distributed": {
             "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
             "model_wrapper": type(model).__name__, "replica_max_abs_diff": replica_max_abs_diff(accelerator, model),
@@ -314,7 +301,7 @@ def save(args, model, metrics: dict, history: dict, kind: str) -> None:
         save_model(model, str(out / "model.safetensors"))
         (out / "config.json").write_text(json.dumps({"model": "lstm", "hidden_size": args.hidden_size, "task": args.task,
                                                      "num_labels": model.num_labels, "kind": kind}, indent=2))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics)
     if not args.no_plot:
         plot_training_curves(out / "training_curves.png", task_name, history, accuracy_key="eval_accuracy",
                              eval_loss_key="eval_loss", baseline_loss=metrics["baseline_loss"])

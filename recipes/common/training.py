@@ -1,54 +1,351 @@
-"""Pieces of a training run shared by the recipes: the replica check, the curves plot, the command-line entry."""
+"""The training loop shared by the recipes, its checkpoints, argument checks, the curves plot and the entry point.
+
+One loop (:func:`train`) serves every recipe: accelerate prepares the model, optimizer, scheduler and
+training loader; gradients accumulate over ``gradient_accumulation_steps`` batches; a step is one
+optimizer update. Every ``checkpointing_steps`` the whole training state (``accelerator.save_state``:
+weights, optimizer, scheduler, RNG streams, sampler, and the step count with the history) is written
+to ``checkpoints/.tmp_step_N`` and renamed to ``checkpoints/step_N`` once complete, so a ``step_N``
+folder is always a whole checkpoint. A run resumed from one repeats the uninterrupted run bit for bit:
+the data order of epoch ``e`` is a permutation seeded by ``seed + e`` (accelerate's seedable sampler),
+and the batches of the current epoch already trained on are skipped.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import RecipeError
 
+CHECKPOINTS = "checkpoints"
+_STEP_PREFIX = "step_"
+_TMP_PREFIX = ".tmp_step_"
+_OLD_PREFIX = ".old_step_"
 
+
+# ----------------------------------------------------------------------------------------------
+# Checking the command line before any work
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric flag: ``low <= value`` (``low < value`` when ``low_open``), likewise ``high``;
+    ``integer`` flags must also be whole numbers."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        return kind
+
+
+#: common ranges
+POSITIVE_INT = Range(low=1, integer=True)
+NON_NEGATIVE_INT = Range(low=0, integer=True)
+POSITIVE = Range(low=0, low_open=True)
+NON_NEGATIVE = Range(low=0)
+FRACTION = Range(low=0, high=1, high_open=True)  # [0, 1)
+
+
+def check_ranges(args: argparse.Namespace, ranges: Mapping[str, Range]) -> None:
+    """Raise `RecipeError` naming the first flag of ``ranges`` whose value (when not None) lies outside its range,
+    e.g. ``--batch_size must be an integer >= 1, got 0``."""
+    for name, valid in ranges.items():
+        value = getattr(args, name)
+        if value is not None and value not in valid:
+            raise RecipeError(f"--{name} must be {valid}, got {value!r}")
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Raise `RecipeError` unless ``output_dir`` is (or can be created as) a writable folder. Nothing is created;
+    this runs before any data is loaded so that a run cannot train for hours and then fail to save."""
+    path = Path(output_dir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"--output_dir {str(output_dir)!r} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecipeError(f"--output_dir {str(output_dir)!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {str(existing)!r} is not writable"
+        raise RecipeError(f"--output_dir {str(output_dir)!r} {what}")
+    return Path(output_dir)
+
+
+def check_run_args(args: argparse.Namespace, ranges: Mapping[str, Range]) -> Path | None:
+    """The checks every recipe makes before loading data: the flags in ``ranges``, ``--output_dir``, and
+    ``--resume_from_checkpoint`` (returns the checkpoint folder to resume from, or None)."""
+    check_ranges(args, ranges)
+    output_dir = check_output_dir(args.output_dir)
+    if getattr(args, "resume_from_checkpoint", None):
+        return find_checkpoint(output_dir, args.resume_from_checkpoint)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
 class TrainState:
-    """Step counter and per-step history, saved in every checkpoint (``accelerator.register_for_checkpointing``),
-    so a resumed run continues at the next step with its curves intact."""
+    """Step counter, training time and per-step history, saved in every checkpoint
+    (``accelerator.register_for_checkpointing``), so a resumed run continues at the next step with its curves."""
 
-    def __init__(self, history_keys: Sequence[str]):
+    def __init__(self):
         self.step = 0
-        self.history: dict[str, list] = {key: [] for key in history_keys}
+        self.train_time_s = 0.0
+        self.history: dict[str, list] = {"step": [], "loss": []}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "history": json.dumps(self.history)}
+        return {"step": self.step, "train_time_s": self.train_time_s, "history": json.dumps(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.train_time_s = float(state.get("train_time_s", 0.0))
         self.history = json.loads(state["history"])
 
 
-def checkpoint_folder(output_dir: Path, step: int) -> Path:
-    """Where ``accelerator.save_state`` writes the state after ``step`` updates."""
-    return Path(output_dir) / "checkpoints" / f"step_{step}"
+def checkpoint_folder(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where the complete checkpoint after ``step`` updates lives: ``output_dir/checkpoints/step_N``."""
+    return Path(output_dir) / CHECKPOINTS / f"{_STEP_PREFIX}{step}"
 
 
-def resume_from_checkpoint(accelerator, output_dir: Path, where: str, state: TrainState) -> Path:
-    """``accelerator.load_state`` from ``where``: a ``checkpoints/step_N`` folder, or ``"latest"`` (the highest N
-    under ``output_dir``). Raises `RecipeError` when there is no such folder."""
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints under ``output_dir``, oldest (fewest steps) first. Half-written ones are named
+    ``.tmp_step_N`` until :func:`save_checkpoint` renames them, so they are never listed."""
+    found = []
+    for folder in (Path(output_dir) / CHECKPOINTS).glob(f"{_STEP_PREFIX}*"):
+        suffix = folder.name[len(_STEP_PREFIX):]
+        if suffix.isdigit() and folder.is_dir():
+            found.append((int(suffix), folder))
+    return [folder for _, folder in sorted(found)]
+
+
+def find_checkpoint(output_dir: str | os.PathLike, where: str) -> Path:
+    """The folder ``--resume_from_checkpoint where`` names: ``"latest"`` (the complete checkpoint with the most
+    steps under ``output_dir``) or a folder. Raises `RecipeError` when there is none."""
     if where == "latest":
-        found = sorted((Path(output_dir) / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        found = complete_checkpoints(output_dir)
         folder = found[-1] if found else None
     else:
         folder = Path(where)
     if folder is None or not folder.is_dir():
         raise RecipeError(f"--resume_from_checkpoint {where!r}: no such checkpoint folder")
-    accelerator.load_state(str(folder))
-    accelerator.print(f"resumed from {folder} at step {state.step}")
     return folder
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk (a rename is only as durable as its data)."""
+    for path in [*folder.rglob("*"), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int) -> Path:
+    """``accelerator.save_state`` into ``checkpoints/.tmp_step_N``, then (main process, after every process has
+    written its part) rename it to ``checkpoints/step_N``. A kill at any moment leaves either no ``step_N`` or a
+    complete one; a leftover ``.tmp_step_N`` is removed by the next save of that step."""
+    final = checkpoint_folder(output_dir, step)
+    tmp = final.with_name(f"{_TMP_PREFIX}{step}")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        if final.exists():  # a checkpoint of this step from an earlier run: swap, never delete before the rename
+            old = final.with_name(f"{_OLD_PREFIX}{step}")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, folder: Path) -> None:
+    """``accelerator.load_state(folder)``; a folder that is not a complete checkpoint of this run's objects is a
+    one-line `RecipeError`."""
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as err:  # accelerate raises ValueError, FileNotFoundError, EOFError, RuntimeError...
+        text = str(err).strip().splitlines()
+        raise RecipeError(f"--resume_from_checkpoint {str(folder)!r} is not a complete checkpoint of this run "
+                          f"({type(err).__name__}: {text[0] if text else ''})") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the prepared (possibly wrapped) model, the final state, and the step budget."""
+
+    model: torch.nn.Module
+    state: TrainState
+    total_steps: int
+    updates_per_epoch: int
+    resumed_from: Path | None
+
+
+def _progress_bar(total: int, initial: int, desc: str, disable: bool):
+    try:
+        from .progress import progress_bar
+    except ImportError:  # pragma: no cover - the wrapper is part of the recipes
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, desc=desc, disable=disable)
+
+
+def train(
+    accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: torch.utils.data.DataLoader,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    *,
+    output_dir: str | os.PathLike,
+    max_train_steps: int | None = None,
+    epochs: float = 1.0,
+    make_scheduler: Callable[[torch.optim.Optimizer, int, int], Any] | None = None,
+    evaluate: Callable[[torch.nn.Module], dict] | None = None,
+    eval_every: int | None = None,
+    eval_epochs: float | None = None,
+    checkpointing_steps: int | None = None,
+    resume_from: Path | None = None,
+    desc: str = "train",
+    quiet: bool = False,
+) -> TrainResult:
+    """Train ``model`` for ``max_train_steps`` optimizer updates (default: ``epochs`` passes over the data).
+
+    ``loss_fn(model, batch)`` gives the loss of one batch. Each epoch uses ``U = len(loader) //
+    gradient_accumulation_steps`` updates (the batches left over are not used), so that an update never
+    straddles two epochs. ``make_scheduler(optimizer, total_steps, num_processes)`` builds the learning-rate
+    schedule (accelerate's prepared scheduler advances ``num_processes`` times per update, so size it in units of
+    ``total_steps * num_processes``); its last rate goes into ``history["lr"]``. ``evaluate(model)`` returns a
+    dict of held-out figures, recorded under their names with ``history["eval_step"]`` every ``eval_every``
+    updates (default: every ``eval_epochs`` epochs, else ten times per run) and after the last.
+    ``checkpointing_steps``: save the training state every N updates (:func:`save_checkpoint`);
+    ``resume_from``: a checkpoint folder to continue from. The train loader, model, optimizer and scheduler
+    are prepared here; prepare any held-out loader before calling.
+    """
+    if len(train_loader) == 0:
+        raise RecipeError(f"the training set has {len(train_loader.dataset)} examples, fewer than one batch of "
+                          f"{train_loader.batch_size}")
+    train_loader = accelerator.prepare(train_loader)
+    accumulation = accelerator.gradient_accumulation_steps
+    updates_per_epoch = len(train_loader) // accumulation
+    if updates_per_epoch == 0:
+        raise RecipeError(f"one epoch has {len(train_loader)} batches per process, fewer than "
+                          f"--gradient_accumulation_steps {accumulation}")
+    total_steps = max_train_steps if max_train_steps is not None else max(1, round(epochs * updates_per_epoch))
+    if eval_every is None:
+        eval_every = max(1, round(eval_epochs * updates_per_epoch)) if eval_epochs else max(1, total_steps // 10)
+    if make_scheduler is not None:
+        scheduler = make_scheduler(optimizer, total_steps, accelerator.num_processes)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        scheduler = None
+        model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    if scheduler is not None:
+        state.history["lr"] = []
+    accelerator.register_for_checkpointing(state)
+    if resume_from is not None:
+        load_checkpoint(accelerator, resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+
+    progress = _progress_bar(total_steps, state.step, desc, quiet or not accelerator.is_local_main_process)
+    history = state.history
+    model.train()
+    segment_start = time.perf_counter()
+    while state.step < total_steps:
+        epoch, done_in_epoch = divmod(state.step, updates_per_epoch)
+        train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, done_in_epoch * accumulation) if done_in_epoch else train_loader
+        batches_left = (min(updates_per_epoch, total_steps - epoch * updates_per_epoch) - done_in_epoch) * accumulation
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = loss_fn(model, batch)
+                accelerator.backward(loss)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                optimizer.zero_grad()
+            batches_left -= 1
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            history["step"].append(state.step)
+            history["loss"].append(mean_loss)
+            if scheduler is not None:
+                history["lr"].append(scheduler.get_last_lr()[0])
+            postfix = {"loss": f"{mean_loss:.4f}"}
+            if evaluate is not None and (state.step % eval_every == 0 or state.step == total_steps):
+                figures = evaluate(model)
+                history.setdefault("eval_step", []).append(state.step)
+                for name, value in figures.items():
+                    history.setdefault(name, []).append(value)
+                    if value is not None:
+                        postfix[name] = f"{value:.4f}"
+            progress.update(1)
+            progress.set_postfix(postfix, refresh=False)
+            if checkpointing_steps and state.step % checkpointing_steps == 0:
+                state.train_time_s += time.perf_counter() - segment_start
+                segment_start = time.perf_counter()
+                save_checkpoint(accelerator, output_dir, state.step)
+            if batches_left <= 0:
+                break
+    state.train_time_s += time.perf_counter() - segment_start
+    progress.close()
+    return TrainResult(model, state, total_steps, updates_per_epoch, resume_from)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
 def replica_max_abs_diff(accelerator, model: torch.nn.Module) -> float:
     """``max |theta_rank - theta_0|`` over every trainable parameter (a complex one as its real pair) and every
     process: 0.0 when all replicas hold the same weights, as data-parallel training must keep them."""
@@ -56,6 +353,13 @@ def replica_max_abs_diff(accelerator, model: torch.nn.Module) -> float:
                       for p in model.parameters() if p.requires_grad])
     gathered = accelerator.gather(flat[None])  # (num_processes, P)
     return float((gathered - gathered[:1]).abs().max())
+
+
+def write_json(path: Path, data: dict) -> None:
+    """``json.dumps(data)`` to ``path`` through a temporary file and a rename: the file is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def plot_training_curves(
@@ -77,13 +381,13 @@ def plot_training_curves(
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].plot(history["step"], history["loss"], lw=0.8, label="train")
     if eval_loss_key is not None:
-        ax[0].plot(history["eval_step"], history[eval_loss_key], marker="o", label="held out")
+        ax[0].plot(history.get("eval_step", []), history.get(eval_loss_key, []), marker="o", label="held out")
     if baseline_loss is not None:
         ax[0].axhline(baseline_loss, ls="--", c="gray", label="memoryless baseline")
     ax[0].set(xlabel="step", ylabel="loss", yscale=loss_scale, title=title)
     if eval_loss_key is not None or baseline_loss is not None:
         ax[0].legend()
-    points = [(s, a) for s, a in zip(history["eval_step"], history[accuracy_key]) if a is not None]
+    points = [(s, a) for s, a in zip(history.get("eval_step", []), history.get(accuracy_key, [])) if a is not None]
     if points:
         ax[1].plot(*zip(*points), marker="o")
     ax[1].set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1))
