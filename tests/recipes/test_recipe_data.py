@@ -1,5 +1,6 @@
 """Datasets, batching and the offline accuracy metric of the recipes."""
 
+import gzip
 import hashlib
 
 import numpy as np
@@ -15,7 +16,9 @@ from recipes.common.data import (
     ImageSpec,
     load_fashion_mnist_arrays,
     load_image_dataset,
+    load_mnist_5k_arrays,
     loader_view,
+    read_idx,
     stratified_split,
 )
 from recipes.common.metrics import SimpleAccuracy, load_accuracy
@@ -72,6 +75,43 @@ def test_missing_fashion_mnist_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr("recipes.common.data.FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(RecipeError, match="apt-get install -y dataset-fashion-mnist"):
         load_fashion_mnist_arrays("train")
+
+
+def _write_idx(path, array, gz):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_and_fashion_mnist_from_a_root(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), rng.integers(0, 10, 5)
+    suffix = ".gz" if gz else ""
+    _write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", images, gz)
+    _write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", labels, gz)
+    assert np.array_equal(read_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}"), images)
+    x, y = load_fashion_mnist_arrays("test", root=tmp_path)
+    assert np.array_equal(x, images) and np.array_equal(y, labels) and y.dtype == np.int64
+    x[0, 0, 0] ^= 1  # writable
+
+
+def test_read_idx_errors(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(RecipeError, match="not an unsigned-byte idx file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + bytes(9))
+    with pytest.raises(RecipeError, match=r"header says \(10,\) but the file holds 9 bytes"):
+        read_idx(tmp_path / "short")
+
+
+@pytest.mark.slow
+def test_mnist_5k_arrays():
+    images, labels = load_mnist_5k_arrays()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [500] * 10 and images.max() == 255
+    images[:] = 0  # a copy: the next call is intact
+    assert load_mnist_5k_arrays()[0].max() == 255
 
 
 def _write_images(folder, n, size=(9, 7), mode="RGB", seed=0):

