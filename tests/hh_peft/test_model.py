@@ -138,18 +138,6 @@ def test_save_load_roundtrip_in_a_fresh_process(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_fresh_process_without_import_gets_peft_keyerror_for_hta(tmp_path):
-    """Documents why the README's snippet starts with `import hh_peft`: PEFT alone does not know the type."""
-    base = tiny_hf_vit()
-    get_peft_model(base, HouseholderConfig()).save_pretrained(tmp_path)
-    script = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
-    from peft import PeftConfig
-
-    assert isinstance(PeftConfig.from_pretrained(str(tmp_path)), HouseholderConfig)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "HTA" in result.stderr
-
-
 def test_adapter_for_a_different_base_model_is_refused_and_model_left_unchanged(tmp_path):
     torch.manual_seed(0)
     get_peft_model(tiny_hf_vit(), HouseholderConfig(init_weights=False)).save_pretrained(tmp_path)
