@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,11 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise RecipeError(f"--output_dir {str(output_dir)!r} cannot be created: {str(existing)!r} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == path else f"cannot be created: {str(existing)!r} is not writable"
-        raise RecipeError(f"--output_dir {str(output_dir)!r} {what}")
+    try:  # a real write (permissions, read-only mounts, pseudo file systems), removed at once
+        os.rmdir(tempfile.mkdtemp(prefix=".write_probe_", dir=existing))
+    except OSError as err:
+        what = "is not writable" if existing == path else f"cannot be created in {str(existing)!r}"
+        raise RecipeError(f"--output_dir {str(output_dir)!r} {what} ({err.strerror})") from err
     return Path(output_dir)
 
 
