@@ -10,6 +10,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .combination import add_weighted_adapter
 from .config import HouseholderConfig
 from .layer import Conv2d, HouseholderLayer, Linear, unsupported_layer_message
 
@@ -141,6 +142,21 @@ class HouseholderModel(BaseTuner):
         if isinstance(base, nn.Conv2d):
             return Conv2d(target, adapter_name, config)
         raise TypeError(unsupported_layer_message(name, base))
+
+    # ------------------------------------------------------------------ weighted combination
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "cat"
+    ) -> None:
+        """Add ``adapter_name``, an HTA adapter whose update on every layer is exactly ``sum_i w_i delta_W_i`` of
+        the given HTA adapters (it is added inactive; ``set_adapter(adapter_name)`` uses it).
+
+        ``combination_type="cat"`` (any adapters): ``d = sum_i w_i d_i`` with identity Householder factors and the
+        adapters' rank-(2 + r_i) terms side by side, ``lora_rank = sum_i (2 + r_i)``. ``"linear"`` (adapters that share
+        their Householder vectors; always used for one adapter): the vectors are kept, ``d = sum_i w_i d_i``,
+        ``B = [w_i B_i]``, ``lora_rank = sum_i r_i``. See `hh_peft.combination` for the algebra. ``modules_to_save``
+        are not combined: the new adapter uses the base model's modules there.
+        """
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
