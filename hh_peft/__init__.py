@@ -8,7 +8,7 @@ and every other PEFT entry point accept a `HouseholderConfig`.
 from peft.utils import register_peft_method
 
 from .config import HouseholderConfig
-from .hub import adapter_card_for, install_card_hook, set_card_info
+from .card import adapter_card_for, install_card_hook, set_card_info
 from .functional import (
     delta_weight,
     householder_apply,
@@ -41,6 +41,6 @@ __all__ = [
 ]
 
 register_peft_method(name=HTA_METHOD_NAME, config_cls=HouseholderConfig, model_cls=HouseholderModel)
-# PeftModel.push_to_hub goes through transformers' hub mixin, which replaces PEFT's card with a generic one
-# (library_name: transformers, no base_model); for models whose adapters are all HTA, write ours instead.
+# save_pretrained and push_to_hub write the HTA card (library_name: peft) for models whose adapters are all HTA;
+# push_to_hub alone would replace any card with transformers' generic one (hh_peft/card.py).
 install_card_hook()

@@ -242,12 +242,11 @@ def run(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if args.method == "hta":  # the adapter's README.md is the HTA card, with this run's results
-            from hh_peft import hub
+            import hh_peft
 
-            hub.install_card_hook()
-            hub.set_card_info(
-                unwrapped, base_model=loaded.base_model, dataset=args.dataset, metrics={"accuracy": test_acc},
-                trainable_params=trainable, num_labels=num_labels, model_family=loaded.family,
+            hh_peft.set_card_info(  # a --random_init backbone has no base model to name
+                unwrapped, base_model=None if args.random_init else loaded.base_model, dataset=args.dataset,
+                metrics={"accuracy": test_acc}, num_labels=num_labels, model_family=loaded.family,
             )
         save_model(loaded, unwrapped, output_dir, args.method)
         write_json(output_dir / "metrics.json", metrics)
@@ -264,7 +263,7 @@ def run(args: argparse.Namespace) -> dict:
 def push(args, loaded, model, metrics: dict, output_dir: Path) -> str:
     """Upload the result to ``--hub_model_id`` (default: the output folder's name).
 
-    PEFT methods push the adapter (an HTA adapter with its HTA card, see ``hh_peft.hub``); transformers
+    PEFT methods push the adapter (an HTA adapter with its HTA card, see ``hh_peft.card``); transformers
     models push themselves; a fully trained timm model is uploaded as its saved folder.
     """
     repo_id = args.hub_model_id or output_dir.name

@@ -13,7 +13,7 @@ or ``fashion_mnist``, Debian's 60k / 10k: sequential Fashion-MNIST). Offline, al
 Everything goes through ``accelerate`` (DDP included: gradients are all-reduced before the manifold
 step, so W stays identical on every process). Writes (main process only) the model with
 ``save_pretrained`` (config, safetensors, model code for ``trust_remote_code``) and its card
-(``unitary_rnn.hub``), ``metrics.json`` and ``training_curves.png``; ``--push_to_hub`` uploads it.
+(``unitary_rnn.card``), ``metrics.json`` and ``training_curves.png``; ``--push_to_hub`` uploads it.
 """
 
 from __future__ import annotations
@@ -289,12 +289,15 @@ def save(args, model, metrics: dict, history: dict, kind: str) -> None:
         results["accuracy"] = metrics["eval_accuracy"]
     task_name = f"{args.task} (T={metrics['seq_len']})" if args.task in ("copy", "adding") else f"{args.task} on {args.dataset}"
     if args.model == "urnn":
-        from unitary_rnn.hub import build_unitary_rnn_card
+        import unitary_rnn
 
         model.save_pretrained(str(out))  # config.json (auto_map), model.safetensors, model code
-        card_kwargs = dict(task=task_name, dataset=args.dataset if "pixel" in args.task else args.task, metrics=results,
-                           task_type="image-classification" if "pixel" in args.task else None)
-        build_unitary_rnn_card(model, repo_id=args.hub_model_id, **card_kwargs).save(str(out / "README.md"))
+        unitary_rnn.set_card_info(
+            model, task=task_name, dataset=args.dataset if "pixel" in args.task else args.task, metrics=results,
+            task_type="image-classification" if "pixel" in args.task else None, optimizer=args.optimizer,
+            projunn_rank=args.rank if args.optimizer.startswith("projunn") else None,
+        )
+        unitary_rnn.write_model_card(model, out, repo_id=args.hub_model_id)
     else:
         from safetensors.torch import save_model
 
@@ -308,9 +311,7 @@ def save(args, model, metrics: dict, history: dict, kind: str) -> None:
     if args.push_to_hub:
         if args.model != "urnn":
             raise RecipeError("--push_to_hub is for uRNN models (the LSTM baseline is a local comparison)")
-        from unitary_rnn.hub import push_to_hub
-
-        push_to_hub(model, args.hub_model_id or out.name, **card_kwargs)
+        model.push_to_hub(args.hub_model_id or out.name)  # README.md: the card (unitary_rnn.card)
 
 
 def main(argv=None) -> dict:

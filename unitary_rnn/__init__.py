@@ -8,6 +8,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+from .card import model_card_for, set_card_info, write_model_card
 from .configuration_unitary_rnn import UnitaryRNNConfig
 from .manifold import manifold_of, mark_manifold, project_to_unitary, unitarity_error
 from .modeling_unitary_rnn import (
@@ -45,16 +46,14 @@ __all__ = [
     "UnitaryRNNPreTrainedModel",
     "manifold_of",
     "mark_manifold",
+    "model_card_for",
     "modrelu",
     "project_to_unitary",
     "random_unitary",
     "real_modrelu",
     "restricted_unitary_apply",
     "restricted_unitary_matrix",
+    "set_card_info",
     "unitarity_error",
+    "write_model_card",
 ]
-
-# push_to_hub of our models uploads config, safetensors weights, the exported code and our model card
-from .hub import install_card_hook as _install_card_hook  # noqa: E402
-
-_install_card_hook()

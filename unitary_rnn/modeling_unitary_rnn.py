@@ -89,6 +89,17 @@ class UnitaryRNNPreTrainedModel(PreTrainedModel):
                 target = getattr(module, name)
                 init.copy_(target, value.to(dtype=target.dtype, device=target.device))
 
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        """The last step of transformers' ``push_to_hub`` (and of ``save_pretrained(push_to_hub=True)``), which has
+        just written a generic ``README.md`` into ``working_dir``: it becomes this model's card before the upload."""
+        try:  # the card ships with the unitary_rnn package, not with this file's trust_remote_code copy
+            from unitary_rnn.card import write_model_card
+        except ImportError:  # loaded with trust_remote_code where the package is not installed: transformers' card
+            pass
+        else:
+            write_model_card(self, working_dir, repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
 
 def _embed(model: "UnitaryRNNModel", input_ids, inputs_embeds) -> torch.Tensor:
     if (input_ids is None) == (inputs_embeds is None):
