@@ -18,6 +18,7 @@ from .functional import (
     hta_factors_backward,
     hta_scalars,
 )
+from .hotswap import hotswap_adapter
 from .layer import Conv2d, HouseholderLayer, Linear
 from .model import HouseholderModel
 from .registration import HTA_METHOD_NAME, HTA_PEFT_TYPE
@@ -38,6 +39,7 @@ __all__ = [
     "hta_factors",
     "hta_factors_backward",
     "hta_scalars",
+    "hotswap_adapter",
 ]
 
 register_peft_method(name=HTA_METHOD_NAME, config_cls=HouseholderConfig, model_cls=HouseholderModel)
