@@ -10,9 +10,11 @@ gradient synchronisation, mixed precision, checkpoints) goes through ``accelerat
 
 Writes into ``--output_dir`` (main process only): the adapter (or the whole model for ``full`` /
 ``linear``), ``metrics.json`` (accuracy, trainable parameters, time, the per-step history),
-``training_curves.png``, and ``checkpoints/step_N`` (``accelerator.save_state``) every
-``--checkpointing_steps``; ``--resume_from_checkpoint`` (a folder or ``latest``) continues from one
-without losing or repeating a step.
+``training_curves.png``, and ``checkpoints/step_N`` (``accelerator.save_state``, written under a
+temporary name and renamed when complete) every ``--checkpointing_steps``;
+``--resume_from_checkpoint`` (a folder, or ``latest``: the newest complete one) continues from one
+bit for bit as the uninterrupted run would have. Bad flags and an unusable ``--output_dir`` fail
+before any data is loaded.
 """
 
 from __future__ import annotations

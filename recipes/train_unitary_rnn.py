@@ -14,6 +14,8 @@ Everything goes through ``accelerate`` (DDP included: gradients are all-reduced 
 step, so W stays identical on every process). Writes (main process only) the model with
 ``save_pretrained`` (config, safetensors, model code for ``trust_remote_code``) and its card
 (``unitary_rnn.card``), ``metrics.json`` and ``training_curves.png``; ``--push_to_hub`` uploads it.
+Checkpoints and resuming as in ``finetune_vit.py`` (``--checkpointing_steps``, ``--resume_from_checkpoint
+latest``: the newest complete checkpoint, continued bit for bit).
 """
 
 from __future__ import annotations
@@ -143,8 +145,7 @@ def build_model(args, task, kind: str):
     try:
         config = UnitaryRNNConfig(
             vocab_size=vocab, input_size=None if vocab else input_size, hidden_size=args.hidden_size,
-            num_labels=num_labels, parametrization=args.parametrization, field=args.field, optimizer=args.optimizer,
-            projunn_rank=args.rank, learning_rate=args.lr, unitary_learning_rate=args.unitary_lr,
+            num_labels=num_labels, parametrization=args.parametrization, field=args.field,
         )
     except (ValueError, TypeError) as err:
         raise RecipeError(str(err).strip().splitlines()[0]) from err
@@ -230,7 +231,7 @@ def run(args) -> dict:
         from unitary_rnn.training.optim import create_optimizer
 
         try:
-            optimizer = create_optimizer(model, lr=args.lr, unitary_lr=args.unitary_lr)
+            optimizer = create_optimizer(model, method=args.optimizer, rank=args.rank, lr=args.lr, unitary_lr=args.unitary_lr)
         except (ValueError, TypeError) as err:
             raise RecipeError(str(err).strip().splitlines()[0]) from err
     else:
