@@ -21,6 +21,7 @@ from .functional import (
 from .hotswap import hotswap_adapter
 from .layer import Conv2d, HouseholderLayer, Linear
 from .model import HouseholderModel
+from .persistence import install_persistence_hooks
 from .registration import HTA_METHOD_NAME, HTA_PEFT_TYPE
 
 __all__ = [
@@ -46,3 +47,6 @@ register_peft_method(name=HTA_METHOD_NAME, config_cls=HouseholderConfig, model_c
 # save_pretrained and push_to_hub write the HTA card (library_name: peft) for models whose adapters are all HTA;
 # push_to_hub alone would replace any card with transformers' generic one (hh_peft/card.py).
 install_card_hook()
+# For HTA adapters, save_pretrained replaces the folder atomically and a failed from_pretrained / load_adapter leaves
+# the model as it was (hh_peft/persistence.py).
+install_persistence_hooks()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -82,8 +83,10 @@ class HouseholderConfig(PeftConfig):
             raise ValueError(f"`householder` must be one of {HOUSEHOLDER_FORMS}, got {self.householder!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
-        if not self.eps > 0.0:
-            raise ValueError(f"`eps` must be > 0 (it keeps a zero Householder vector finite), got {self.eps!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0.0 < self.eps < math.inf:
+            raise ValueError(
+                f"`eps` must be a finite number > 0 (it keeps a zero Householder vector finite), got {self.eps!r}"
+            )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
         if isinstance(self.target_modules, str) and self.layers_pattern is not None:

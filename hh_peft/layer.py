@@ -280,35 +280,45 @@ class HouseholderLayer(BaseTunerLayer):
         """Add the active (or the given) adapters' ``delta_W`` to the base weight.
 
         ``safe_merge=True`` computes the merged weight out of place and raises before touching the base weight if it
-        holds a NaN or inf.
+        holds a NaN or inf (`merged_weight`): with several adapters, none of them is merged then.
         """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.hta_d]
         if not adapter_names:
             return
-        base_layer = self.get_base_layer()
+        weight = self.get_base_layer().weight
+        if safe_merge:
+            weight.data.copy_(self.merged_weight(adapter_names))
+            self.merged_adapters.extend(adapter_names)
+            return
         for adapter_name in adapter_names:
-            if adapter_name not in self.hta_d:
-                continue
-            delta = self.get_delta_weight(adapter_name)
-            if safe_merge:
-                merged = base_layer.weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(
-                        f"NaNs or infs detected in the merged weight of {type(base_layer).__name__} for adapter "
-                        f"{adapter_name!r}: the adapter seems to be broken; the base weight was left unchanged"
-                    )
-                base_layer.weight.data.copy_(merged)
-            else:
-                base_layer.weight.data.add_(delta)
+            weight.data.add_(self.get_delta_weight(adapter_name))
             self.merged_adapters.append(adapter_name)
+
+    def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """``W + sum_a delta_W_a`` over ``adapter_names`` (in that order), out of place; raises a ValueError naming the
+        first adapter after whose update the weight holds a NaN or inf. The base weight is never written."""
+        base_layer = self.get_base_layer()
+        merged = base_layer.weight.data
+        for adapter_name in adapter_names:
+            merged = merged + self.get_delta_weight(adapter_name)
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs or infs detected in the merged weight of {type(base_layer).__name__} for adapter "
+                    f"{adapter_name!r}: the adapter seems to be broken; the base weight was left unchanged"
+                )
+        return merged
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ``delta_W`` again, last merged first."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        self.unmerge_last(len(self.merged_adapters))
+
+    def unmerge_last(self, count: int) -> None:
+        """Subtract the ``delta_W`` of the last ``count`` merged adapters, last merged first."""
         base_layer = self.get_base_layer()
-        while self.merged_adapters:
+        for _ in range(count):
             adapter_name = self.merged_adapters.pop()
             if adapter_name in self.hta_d:
                 base_layer.weight.data.sub_(self.get_delta_weight(adapter_name))

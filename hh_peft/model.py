@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from contextlib import contextmanager
 from functools import partial
+from typing import Optional
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, onload_layer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -48,41 +51,52 @@ class HouseholderModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_HTA_TARGET_MODULES_MAPPING
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, state_dict=None, **kwargs) -> None:
-        """Validate every target before the first module is replaced, then let PEFT inject.
+        """Validate every target (and every ``modules_to_save`` entry) before the first module is replaced, then let
+        PEFT inject; warn about layers where ``lora_rank`` exceeds ``min(in, out)``.
 
         A failed validation leaves ``model`` exactly as it was: no module is replaced and no flag is changed.
         """
+        config = self.peft_config[adapter_name]
         if state_dict is None:
-            self._validate_targets(model, self.peft_config[adapter_name])
-        # Remembered so that a load that fails after injection can restore the model (see `_undo_injection`).
-        self._requires_grad_before_injection = [(p, p.requires_grad) for p in model.parameters()]
+            self._validate_targets(model, config)
+            _validate_modules_to_save(model, config)
         super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+        _warn_rank_above_layer_size(model, adapter_name, config.lora_rank)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's key remapping, then a shape check of every entry against the model before anything is copied.
+        """PEFT's key remapping, then a check of every entry against the model before anything is copied.
 
         An adapter saved for a different base model (other layer widths, another number of classes in a saved head)
-        raises a ValueError that names the first mismatching layer; the freshly injected adapter is removed again
-        first, so the model is left as it was.
+        raises a ValueError that names the first mismatching tensor. An HTA tensor with no place in the model (a
+        ``hta_A`` / ``hta_B`` under ``lora_rank=0``, a layer the config does not target) raises instead of being
+        dropped. ``PeftModel.from_pretrained`` / ``load_adapter`` then put the model back as it was
+        (`hh_peft.persistence`).
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         own = model.state_dict()
         prefix = "base_model.model."
         strip = not any(k.startswith(prefix) for k in own)
-        mismatches = []
+        mismatches, unplaced = [], []
         for key, value in remapped.items():
             model_key = key.removeprefix(prefix) if strip else key
             if model_key in own and own[model_key].shape != value.shape:
                 mismatches.append((model_key, tuple(value.shape), tuple(own[model_key].shape)))
+            elif model_key not in own and _SAVED_HTA_KEY.search(key):
+                unplaced.append(key.removeprefix(prefix))
         if mismatches:
             key, saved, here = mismatches[0]
-            _undo_injection(model, adapter_name)
             raise ValueError(
                 f"The HTA adapter {adapter_name!r} was saved for a different base model: "
                 f"{key.removeprefix(prefix)} has shape {saved} in "
                 f"the checkpoint but {here} in this model ({len(mismatches)} mismatching tensor(s) in all). Load it "
-                "onto the base model it was trained on. The model was left unchanged."
+                "onto the base model it was trained on."
+            )
+        if unplaced:
+            raise ValueError(
+                f"The HTA adapter {adapter_name!r} has {len(unplaced)} saved tensor(s) with no place in the model under "
+                f"its config (lora_rank={config.lora_rank}, target_modules={_describe(config.target_modules)}), "
+                f"e.g. {unplaced[0]!r}: the config and the weights do not belong together."
             )
         return remapped
 
@@ -143,6 +157,57 @@ class HouseholderModel(BaseTuner):
             return Conv2d(target, adapter_name, config)
         raise TypeError(unsupported_layer_message(name, base))
 
+    # ------------------------------------------------------------------ merging, all or nothing
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge the active (or the given) adapters into the base weights of every HTA layer.
+
+        ``safe_merge=True`` is all or nothing: every layer's merged weight is computed and checked for NaN / inf
+        before the first base weight is written, and a failure names the layer (its module path) and the adapter.
+        Any other error part-way through unmerges the layers this call merged before it is raised.
+        """
+        self._check_merge_allowed()
+        layers = self._hta_layers()
+        if safe_merge:
+            self._check_safe_merge(layers, adapter_names)
+        merged: list[tuple[HouseholderLayer, int]] = []
+        try:
+            for _, layer in layers:
+                merged.append((layer, len(layer.merged_adapters)))
+                with onload_layer(layer):
+                    layer.merge(adapter_names=adapter_names)
+        except BaseException:
+            for layer, count in reversed(merged):
+                with onload_layer(layer):
+                    layer.unmerge_last(len(layer.merged_adapters) - count)
+            raise
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        """PEFT's unloading; ``merge_and_unload(safe_merge=True)`` first checks every layer (`merge_adapter`), so a
+        NaN / inf update raises naming its layer before any layer is merged or unloaded."""
+        if merge and safe_merge:
+            self._check_merge_allowed()
+            self._check_safe_merge(self._hta_layers(), adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    def _hta_layers(self) -> list[tuple[str, HouseholderLayer]]:
+        return [(name, module) for name, module in self.model.named_modules() if isinstance(module, HouseholderLayer)]
+
+    @staticmethod
+    def _check_safe_merge(layers: list[tuple[str, HouseholderLayer]], adapter_names: Optional[list[str]]) -> None:
+        """Raise (naming the layer) if merging would put a NaN or inf into any layer's base weight; writes nothing."""
+        for name, layer in layers:
+            names = adapter_names if adapter_names is not None else layer.active_adapters
+            names = [n for n in names if n in layer.hta_d and n not in layer.merged_adapters]
+            if not names:
+                continue
+            try:
+                with onload_layer(layer):
+                    layer.merged_weight(names)
+            except ValueError as error:
+                raise ValueError(f"safe_merge refused layer {name!r}: {error}. No layer was merged.") from error
+
     # ------------------------------------------------------------------ weighted combination
     def add_weighted_adapter(
         self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "cat"
@@ -189,19 +254,47 @@ class HouseholderModel(BaseTuner):
                 handle.remove()
 
 
-def _undo_injection(model: nn.Module, adapter_name: str) -> None:
-    """Remove ``adapter_name`` again after a failed load: delete it if other adapters remain, else unload every HTA
-    layer (restoring the original modules) and the base parameters' ``requires_grad`` flags."""
-    tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, HouseholderModel):
+# A checkpoint key of an HTA tensor, before the adapter name is appended: "...<module>.hta_<name>".
+_SAVED_HTA_KEY = re.compile(r"\.hta_(u_in|u_out|d|A|B)$")
+# Entries PEFT itself adds to `modules_to_save` for these task types (whichever the model has).
+_TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _validate_modules_to_save(model: nn.Module, config: HouseholderConfig) -> None:
+    """Every ``modules_to_save`` entry must name a module (PEFT's rule: a module name ending with the entry)."""
+    if not config.modules_to_save:
         return
-    if any(name != adapter_name for name in tuner.peft_config):
-        model.delete_adapter(adapter_name)
-        return
-    restore = getattr(tuner, "_requires_grad_before_injection", [])
-    tuner.unload()
-    for parameter, requires_grad in restore:
-        parameter.requires_grad_(requires_grad)
+    names = [n for n, _ in model.named_modules() if n and not _inside_tuner_layer(model, n)]
+    task = str(getattr(config.task_type, "value", config.task_type))
+    added_by_peft = _TASK_MODULES_TO_SAVE.get(task, ())
+    unmatched = [
+        entry for entry in config.modules_to_save
+        if entry not in added_by_peft and not any(name.endswith(entry) for name in names)
+    ]
+    if unmatched:
+        top = [n for n in names if "." not in n]
+        leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+        heads = list(dict.fromkeys([*top, *leaves[-4:]]))
+        raise ValueError(
+            f"`modules_to_save` entr{'y' if len(unmatched) == 1 else 'ies'} {unmatched} match no module of "
+            f"{type(model).__name__}; an entry is a module name or its ending, e.g. one of {heads[:12]}"
+        )
+
+
+def _warn_rank_above_layer_size(model: nn.Module, adapter_name: str, lora_rank: int) -> None:
+    """``B A`` of rank ``lora_rank`` > min(in, out) cannot reach rank ``lora_rank``: warn, naming the layers."""
+    layers = [
+        f"{name} ({module.in_features} -> {module.out_features})"
+        for name, module in model.named_modules()
+        if isinstance(module, HouseholderLayer) and adapter_name in module.hta_d
+        and lora_rank > min(module.in_features, module.out_features)
+    ]
+    if layers:
+        more = f" and {len(layers) - 4} more" if len(layers) > 4 else ""
+        warnings.warn(
+            f"HTA lora_rank={lora_rank} exceeds min(in, out) of {len(layers)} targeted layer(s): {', '.join(layers[:4])}"
+            f"{more}; their B A term has rank at most min(in, out), so the extra parameters add nothing."
+        )
 
 
 def _inside_tuner_layer(model: nn.Module, name: str) -> bool:

@@ -184,6 +184,19 @@ def test_safe_merge_refuses_a_nan_update_and_leaves_the_weight_alone():
     assert not layer.merged
 
 
+def test_safe_merge_of_several_adapters_on_one_layer_is_all_or_nothing():
+    _, model = adapted_mlp()
+    model.add_adapter("other", HouseholderConfig(target_modules=["lin0", "lin1", "conv1d"], init_weights=False))
+    layer = model.base_model.model.lin0
+    before = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.hta_d["other"][0] = float("inf")
+    with pytest.raises(ValueError, match="NaNs or infs .* adapter 'other'"):
+        layer.merge(safe_merge=True, adapter_names=["default", "other"])  # 'default' is fine, 'other' is not
+    torch.testing.assert_close(layer.base_layer.weight, before, rtol=0, atol=0)
+    assert layer.merged_adapters == []
+
+
 def test_dropout_applies_only_to_the_adapter_input_in_training():
     base, model = adapted_mlp(dropout=0.5)
     x = torch.randn(64, 10)

@@ -144,8 +144,9 @@ def test_adapter_for_a_different_base_model_is_refused_and_model_left_unchanged(
     other = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
                                                 num_attention_heads=4, intermediate_size=96, num_labels=5))
     snapshot = module_snapshot(other)
-    with pytest.raises(ValueError, match=r"different base model: vit\.layers\.0\.attention\.\w_proj\.hta_\w+\.default has shape \(.*48.*\) in the checkpoint but \(.*64.*\) in this model .*left unchanged"):
+    with pytest.raises(ValueError, match=r"different base model: vit\.layers\.0\.attention\.\w_proj\.hta_\w+\.default has shape \(.*48.*\) in the checkpoint but \(.*64.*\) in this model") as error:
         PeftModel.from_pretrained(other, tmp_path)
+    assert "The model was left as it was before this call." in error.value.__notes__
     assert_unchanged(other, snapshot)
 
 
@@ -172,7 +173,10 @@ def test_unsupported_layer_type_names_module_type_and_supported_types():
         ({"lora_rank": 1.5}, r"`lora_rank` must be an integer"),
         ({"householder": "gram-schmidt"}, r"`householder` must be one of \('normalized', 'paper'\), got 'gram-schmidt'"),
         ({"dropout": 1.0}, r"`dropout` must be in \[0, 1\)"),
-        ({"eps": 0.0}, r"`eps` must be > 0"),
+        ({"eps": 0.0}, r"`eps` must be a finite number > 0.*got 0.0"),
+        ({"eps": float("inf")}, r"`eps` must be a finite number > 0.*got inf"),
+        ({"eps": float("nan")}, r"`eps` must be a finite number > 0.*got nan"),
+        ({"eps": "1e-6"}, r"`eps` must be a finite number > 0.*got '1e-6'"),
     ],
 )
 def test_bad_config_values_are_rejected(kwargs, message):
@@ -218,3 +222,79 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(use_reentrant):
     for name, param in checkpointed.named_parameters():
         if "hta_" in name:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-10, atol=1e-12)
+
+
+def test_modules_to_save_matching_nothing_lists_real_module_names():
+    base = tiny_hf_vit()
+    snapshot = module_snapshot(base)
+    with pytest.raises(ValueError, match=r"`modules_to_save` entry \['clasifier'\] match no module of ViTForImageClassification; .*'vit', 'classifier'"):
+        get_peft_model(base, HouseholderConfig(modules_to_save=["classifier", "clasifier"]))
+    assert_unchanged(base, snapshot)
+
+
+def test_modules_to_save_added_by_peft_for_a_task_type_need_not_all_exist():
+    """PEFT adds both 'classifier' and 'score' for SEQ_CLS; a ViT has only the first: no error."""
+    model = get_peft_model(tiny_hf_vit(), HouseholderConfig(task_type="SEQ_CLS"))
+    assert any("classifier.modules_to_save" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_lora_rank_above_a_layers_min_in_out_warns_naming_the_layer():
+    class Narrow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wide = torch.nn.Linear(32, 32)
+            self.narrow = torch.nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.narrow(self.wide(x))
+
+    with pytest.warns(UserWarning, match=r"lora_rank=4 exceeds min\(in, out\) of 1 targeted layer\(s\): narrow \(32 -> 3\)"):
+        get_peft_model(Narrow(), HouseholderConfig(target_modules=["wide", "narrow"], lora_rank=4))
+
+
+def _break_one_late_layer(model):
+    """An inf in the update of the last adapted layer in module order (every other layer would merge before it)."""
+    name, layer = [(n, m) for n, m in model.base_model.model.named_modules() if isinstance(m, hh_peft.HouseholderLayer)][-1]
+    with torch.no_grad():
+        layer.hta_d["default"][0] = float("inf")
+    return name
+
+
+def test_safe_merge_adapter_is_all_or_nothing_and_names_the_layer():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_hf_vit(), HouseholderConfig(init_weights=False))
+    broken = _break_one_late_layer(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"safe_merge refused layer '{broken}': NaNs or infs .* adapter 'default'.*No layer was merged"):
+        model.merge_adapter(safe_merge=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert not any(m.merged for m in model.modules() if isinstance(m, hh_peft.HouseholderLayer))
+
+
+def test_safe_merge_and_unload_is_all_or_nothing_and_names_the_layer():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_hf_vit(), HouseholderConfig(init_weights=False))
+    broken = _break_one_late_layer(model)
+    before = module_snapshot(model)
+    with pytest.raises(ValueError, match=rf"safe_merge refused layer '{broken}'"):
+        model.merge_and_unload(safe_merge=True)
+    assert_unchanged(model, before)  # still adapted, nothing merged, nothing unloaded
+
+
+def test_merge_adapter_unmerges_what_it_merged_when_a_layer_fails():
+    """Beyond NaN / inf (checked before any write): any error part-way through undoes the layers merged so far."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_hf_vit().double(), HouseholderConfig(init_weights=False))
+    layers = [m for m in model.modules() if isinstance(m, hh_peft.HouseholderLayer)]
+    weights = [layer.base_layer.weight.detach().clone() for layer in layers]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    layers[-1].get_delta_weight = fail
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model.merge_adapter()
+    assert not any(layer.merged for layer in layers)
+    for layer, weight in zip(layers, weights):
+        torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-12)
