@@ -3,13 +3,13 @@
 Columns (all timed interleaved per N, median of several runs, after a warm-up call):
 
 - ``optimizer``: ``UnitaryOptimizer.step()`` with ``method="cayley"`` on one N x N unitary parameter whose
-  gradient is set (re-projection off; its amortised cost is the last column);
+  gradient is set (re-projection and the drift check off; the re-projection's amortised cost is the last column);
 - ``optimizer+rms``: the same with the reference's RMSprop scaling of G (``rmsprop_unitary=True``);
 - ``cayley_step``: the bare functional step (``torch.linalg.solve``);
 - ``inverse``: the same maths with an explicit ``torch.linalg.inv`` (the formula as printed, what we avoid);
 - ``numpy``: the same maths in numpy complex64 with ``numpy.linalg.solve`` (how DESIGN.md's reference
   figures, 694 ms at N = 1024 and 4023 ms at N = 2048, were measured);
-- ``reproject/100``: the polar re-projection (one complex SVD) divided by the default ``reproject_every=100``.
+- ``reproject/100``: the polar re-projection (one complex SVD) divided by 100 (``reproject_every=100``).
 
 Ratios are against ``numpy`` and ``cayley_step`` from the same run. Writes ``benchmarks/results/bench_cayley.{json,png}``.
 
@@ -67,7 +67,7 @@ def bench_size(n: int, repeats: int, min_time: float, skip_slow_above: int) -> d
 
     def optimizer_step(rms: bool):
         p = mark_manifold(torch.nn.Parameter(W0.clone()))
-        opt = UnitaryOptimizer([p], unitary_lr=LR, rmsprop_unitary=rms, reproject_every=None)
+        opt = UnitaryOptimizer([p], unitary_lr=LR, rmsprop_unitary=rms, reproject_every=None, reproject_tol=None)
 
         def step():
             p.grad = G

@@ -35,22 +35,20 @@ METHODS = ("cayley", "projunn_t", "projunn_d")
 
 def build(task_name: str, args: argparse.Namespace, method: str):
     """(task, model, optimizer) for one run; the model seed is fixed so every method starts from the same W."""
-    common = dict(
-        optimizer=method, projunn_rank=args.rank, projunn_sampling=args.sampling, learning_rate=args.lr,
-        unitary_learning_rate=args.unitary_lr, base_optimizer="rmsprop", reproject_every=100,
-        rmsprop_unitary=args.rmsprop_unitary,
-    )
     torch.manual_seed(args.seed)
     if task_name == "adding":
         task = AddingTask(length=args.adding_length)
-        config = UnitaryRNNConfig(input_size=task.input_size, hidden_size=args.adding_hidden, num_labels=1, **common)
+        config = UnitaryRNNConfig(input_size=task.input_size, hidden_size=args.adding_hidden, num_labels=1)
         model = UnitaryRNNForSequenceClassification(config)
     else:
         task = CopyMemoryTask(delay=args.copy_delay)
-        config = UnitaryRNNConfig(vocab_size=task.vocab_size, hidden_size=args.copy_hidden,
-                                  num_labels=task.num_labels, **common)
+        config = UnitaryRNNConfig(vocab_size=task.vocab_size, hidden_size=args.copy_hidden, num_labels=task.num_labels)
         model = UnitaryRNNForTokenClassification(config)
-    return task, model, create_optimizer(model)
+    optimizer = create_optimizer(
+        model, method=method, rank=args.rank, sampling=args.sampling, lr=args.lr, unitary_lr=args.unitary_lr,
+        base_optimizer="rmsprop", reproject_every=100, rmsprop_unitary=args.rmsprop_unitary,
+    )
+    return task, model, optimizer
 
 
 def train(task_name: str, method: str, args: argparse.Namespace) -> dict:

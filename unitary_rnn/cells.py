@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .manifold import manifold_of, mark_manifold
+from .manifold import ManifoldModule, mark_manifold
 from .parametrizations import (
     modrelu,
     modrelu_grouped,
@@ -155,7 +155,7 @@ def reference_recurrence(u: torch.Tensor, X: torch.Tensor, bias: torch.Tensor, h
 _NARROW_FLOATS = (torch.float16, torch.bfloat16)
 
 
-class UnitaryRNNCell(nn.Module):
+class UnitaryRNNCell(ManifoldModule):
     """One unitary (``field="complex"``) or orthogonal (``field="real"``) recurrent layer.
 
     Parameters: ``input_weight`` V ``(g*N, input_size)`` (rows ``[Re V ; Im V]``), ``hidden_bias`` b ``(N,)``,
@@ -164,11 +164,16 @@ class UnitaryRNNCell(nn.Module):
     ``parametrization="full"``, or ``theta1..3`` ``(N,)``, ``reflection1..2`` ``(2, N)`` and the buffer
     ``permutation`` for ``"restricted"``.
 
-    Casting: a real-dtype cast (``.to(torch.bfloat16)``, ``.half()``, ``.float()``, ``.double()``) keeps a
-    manifold parameter on its manifold: a complex W stays complex (complex128 for float64, complex64
-    otherwise) and a real W never goes below float32. The recurrence runs in W's precision and returns
-    features in the dtype of ``input_weight``.
+    Casting: a real-dtype cast (``.to(torch.bfloat16)``, ``.half()``, ``.float()``, ``.double()``) keeps W
+    on its manifold: a complex W stays complex (complex128 for float64, complex64 otherwise), and neither
+    a real W nor the restricted parametrisation's angles and reflections go below float32 (there is no
+    half-precision complex arithmetic on CPU, and a half-precision W drifts off the manifold). The
+    recurrence runs in W's precision and returns features in the dtype of ``input_weight``. A cast to a
+    complex dtype (``.to(torch.complex32)``, ``.to(torch.complex64)``) raises ``TypeError``: the
+    features are real, and W's complex dtype follows the real precision.
     """
+
+    manifold_parameter_names = ("recurrent_weight",)
 
     def __init__(self, config):
         super().__init__()
@@ -263,6 +268,8 @@ class UnitaryRNNCell(nn.Module):
         ``(batch, g*N)``) as real ``[Re ; Im]`` features. ``initial_state`` ``(batch, g*N)`` overrides h_0."""
         if inputs.ndim != 3:
             raise ValueError(f"inputs must be (batch, time, input_size), got shape {tuple(inputs.shape)}")
+        if self.parametrization == "full":
+            self.check_manifold()
         batch, steps, _ = inputs.shape
         out_dtype = self.input_weight.dtype
         dtype = self.compute_dtype
@@ -298,36 +305,31 @@ class UnitaryRNNCell(nn.Module):
         states = torch.stack(states, dim=1)
         return torch.cat([states.real, states.imag], dim=-1)
 
-    # ------------------------------------------------------------------ manifold tag and dtype safety
-    def __setattr__(self, name, value):
-        # Every new tensor assigned as W keeps the manifold tag the optimizers look for (loaders and
-        # conversions build fresh Parameters). transformers' loader makes a loaded Parameter trainable
-        # only if it is floating point, which a complex tensor is not: keep the trainability of the
-        # parameter being replaced.
-        if name == "recurrent_weight" and isinstance(value, nn.Parameter):
-            old = self._parameters.get(name)
-            if old is not None and value.is_complex() and old.requires_grad and not value.requires_grad:
-                value.requires_grad_(True)
-            if manifold_of(value) is None:
-                mark_manifold(value)
-        super().__setattr__(name, value)
-
+    # ------------------------------------------------------------------ dtype safety
     def _apply(self, fn, recurse=True):
-        manifold = {id(p) for p in self._parameters.values() if p is not None and (p.is_complex() or manifold_of(p))}
-        manifold |= {id(p.grad) for p in self._parameters.values() if p is not None and id(p) in manifold and p.grad is not None}
-        if not manifold:
-            return super()._apply(fn, recurse)
+        refuse_complex_conversion(fn, type(self).__name__)
+        kept = RESTRICTED_PARAMETERS if self.parametrization == "restricted" else self.manifold_parameter_names
+        guarded_ids = {id(p) for name, p in self._parameters.items() if p is not None and name in kept}
+        guarded_ids |= {id(p.grad) for name, p in self._parameters.items() if p is not None and name in kept and p.grad is not None}
 
         def guarded(t):
-            if id(t) not in manifold:
+            if id(t) not in guarded_ids:
                 return fn(t)
             return _cast_keeping_manifold(fn, t, self)
 
-        result = super()._apply(guarded, recurse)
-        # a conversion that had to build a new Parameter object drops Python attributes: re-tag
-        if self.parametrization == "full" and manifold_of(self.recurrent_weight) is None:
-            mark_manifold(self.recurrent_weight)
-        return result
+        return super()._apply(guarded, recurse)
+
+
+def refuse_complex_conversion(fn, owner: str) -> None:
+    """Raise ``TypeError`` if the module conversion ``fn`` casts real tensors to a complex dtype (probed on a
+    float32 scalar), before anything is converted."""
+    probe = fn(torch.zeros((), dtype=torch.float32))
+    if isinstance(probe, torch.Tensor) and probe.dtype.is_complex:
+        raise TypeError(
+            f"{owner}: cannot convert to {probe.dtype}: the inputs, heads and features are real, and W's complex "
+            "dtype follows the real precision (.float(): complex64 W, .double(): complex128 W; .half() / "
+            ".to(torch.bfloat16) keep W in complex64)"
+        )
 
 
 def _cast_keeping_manifold(fn, t: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -336,7 +338,7 @@ def _cast_keeping_manifold(fn, t: torch.Tensor, module: nn.Module) -> torch.Tens
     ``fn`` is probed on float32 and float64 scalars to learn which real dtype it casts to (if any):
     float64 -> complex128 (W complex) / float64; float32 -> complex64 / float32; float16 / bfloat16 ->
     the dtype is kept (there is no bfloat16 complex type, and a half-precision W drifts off the
-    manifold), with a warning. Device moves and explicit complex casts apply as usual."""
+    manifold), with a warning. Device moves apply as usual."""
     probe32 = fn(torch.zeros((), dtype=torch.float32, device=t.device))
     probe64 = fn(torch.zeros((), dtype=torch.float64, device=t.device))
     if not isinstance(probe32, torch.Tensor) or not isinstance(probe64, torch.Tensor):
@@ -350,10 +352,15 @@ def _cast_keeping_manifold(fn, t: torch.Tensor, module: nn.Module) -> torch.Tens
     if target is None or target.is_complex:
         return fn(t)
     if target in _NARROW_FLOATS:
+        if t.dtype in _NARROW_FLOATS:  # built under a half-precision default dtype: promote
+            return t.to(device=probe32.device, dtype=torch.float32)
+        if getattr(module, "parametrization", "full") == "restricted":
+            what = "restricted parametrisation's angles and reflections"
+        else:
+            what = f"{'unitary' if t.is_complex() else 'orthogonal'} recurrent matrix"
         logger.warning(
-            "%s: keeping the %s recurrent matrix in %s under a cast to %s (it must stay on the manifold); "
-            "the recurrence runs in that precision.",
-            type(module).__name__, "unitary" if t.is_complex() else "orthogonal", t.dtype, target,
+            "%s: keeping the %s in %s under a cast to %s (W must stay on the manifold); the recurrence runs "
+            "in that precision.", type(module).__name__, what, t.dtype, target,
         )
         return t.to(device=probe32.device)
     if t.is_complex():

@@ -4,16 +4,29 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 PARAMETRIZATIONS = ("full", "restricted")
 FIELDS = ("complex", "real")
 NONLINEARITIES = ("modrelu",)
 UNITARY_INITS = ("identity", "random", "restricted")
 INPUT_EMBEDDINGS = ("one_hot", "embedding")
-OPTIMIZERS = ("cayley", "projunn_d", "projunn_t")
-BASE_OPTIMIZERS = ("rmsprop", "adam", "adamw")  # the same choices as unitary_rnn.training.optim.BASE_OPTIMIZERS
-PROJUNN_SAMPLINGS = ("lsi", "column")
 RESTRICTED_APPLIES = ("auto", "matrix", "fft")
+
+LEGACY_OPTIMIZER_KEYS = {
+    "optimizer": "method",
+    "unitary_learning_rate": "unitary_lr",
+    "learning_rate": "lr",
+    "base_optimizer": "base_optimizer",
+    "rmsprop_unitary": "rmsprop_unitary",
+    "projunn_rank": "rank",
+    "projunn_sampling": "sampling",
+    "reproject_every": "reproject_every",
+}
+"""Training settings that configurations written before they moved out of the model configuration
+carried, and the keyword of ``unitary_rnn.training.create_optimizer`` each one became."""
 
 
 def _check_choice(name: str, value, valid: tuple) -> None:
@@ -67,23 +80,12 @@ class UnitaryRNNConfig(PreTrainedConfig):
             or `"embedding"` (a learned `nn.Embedding(vocab_size, input_size)`).
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the normal initialisation of the heads and of the embedding.
-        optimizer (`str`, defaults to `"cayley"`):
-            Training default for `unitary_rnn.training.optim.create_optimizer`: `"cayley"` (multiplicative Cayley
-            step), `"projunn_d"` or `"projunn_t"` (rank-k projUNN).
-        unitary_learning_rate (`float`, defaults to 1e-4):
-            Learning rate of the manifold step on W.
-        learning_rate (`float`, defaults to 1e-3):
-            Learning rate of every other parameter.
-        base_optimizer (`str`, defaults to `"rmsprop"`):
-            `"rmsprop"`, `"adam"` or `"adamw"`, for every parameter that is not on the manifold.
-        rmsprop_unitary (`bool`, defaults to `False`):
-            Divide the gradient of W by an RMSprop accumulator before the Cayley step (Wisdom et al.'s option).
-        projunn_rank (`int`, defaults to 1):
-            Rank k of the projUNN update.
-        projunn_sampling (`str`, defaults to `"lsi"`):
-            projUNN's low-rank approximation: `"lsi"` (random projection) or `"column"` (norm-weighted columns).
-        reproject_every (`int`, defaults to 100):
-            Re-project W onto the manifold (polar factor) every this many optimizer steps; 0 never does.
+
+    Training settings (the manifold optimizer, its learning rates, projUNN's rank, ...) are not part of
+    the model configuration: pass them to ``unitary_rnn.training.create_optimizer``. A configuration
+    saved with them (``optimizer``, ``unitary_learning_rate``, ``learning_rate``, ``base_optimizer``,
+    ``rmsprop_unitary``, ``projunn_rank``, ``projunn_sampling``, ``reproject_every``) still loads: the
+    keys are dropped with a warning that names the ``create_optimizer`` arguments to use instead.
     """
 
     model_type = "unitary_rnn"
@@ -100,24 +102,14 @@ class UnitaryRNNConfig(PreTrainedConfig):
     vocab_size: int | None = None
     input_embedding: str = "one_hot"
     initializer_range: float = 0.02
-    optimizer: str = "cayley"
-    unitary_learning_rate: float = 1e-4
-    learning_rate: float = 1e-3
-    base_optimizer: str = "rmsprop"
-    rmsprop_unitary: bool = False
-    projunn_rank: int = 1
-    projunn_sampling: str = "lsi"
-    reproject_every: int = 100
 
     def __post_init__(self, **kwargs):
+        _drop_legacy_optimizer_keys(kwargs)
         _check_choice("parametrization", self.parametrization, PARAMETRIZATIONS)
         _check_choice("restricted_apply", self.restricted_apply, RESTRICTED_APPLIES)
         _check_choice("field", self.field, FIELDS)
         _check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
         _check_choice("input_embedding", self.input_embedding, INPUT_EMBEDDINGS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("base_optimizer", self.base_optimizer, BASE_OPTIMIZERS)
-        _check_choice("projunn_sampling", self.projunn_sampling, PROJUNN_SAMPLINGS)
         if self.field == "real" and self.parametrization != "full":
             raise ValueError(
                 "UnitaryRNNConfig: field='real' (orthogonal RNN) needs parametrization='full'; "
@@ -154,10 +146,6 @@ class UnitaryRNNConfig(PreTrainedConfig):
             raise ValueError(f"UnitaryRNNConfig: vocab_size must be >= 1 or None, got {self.vocab_size}")
         if self.num_hidden_layers != 1:
             raise ValueError(f"UnitaryRNNConfig: only num_hidden_layers=1 is implemented, got {self.num_hidden_layers}")
-        if self.projunn_rank < 1:
-            raise ValueError(f"UnitaryRNNConfig: projunn_rank must be >= 1, got {self.projunn_rank}")
-        if self.reproject_every < 0:
-            raise ValueError(f"UnitaryRNNConfig: reproject_every must be >= 0 (0: never), got {self.reproject_every}")
         if self.modrelu_eps <= 0:
             raise ValueError(f"UnitaryRNNConfig: modrelu_eps must be > 0 (it keeps modReLU NaN-free), got {self.modrelu_eps}")
         super().__post_init__(**kwargs)
@@ -168,4 +156,17 @@ class UnitaryRNNConfig(PreTrainedConfig):
         return 2 * self.hidden_size if self.field == "complex" else self.hidden_size
 
 
-__all__ = ["UnitaryRNNConfig"]
+def _drop_legacy_optimizer_keys(kwargs: dict) -> None:
+    """Remove the training settings of :data:`LEGACY_OPTIMIZER_KEYS` from ``kwargs`` (in place), warning
+    once per distinct set with the equivalent ``create_optimizer`` call."""
+    legacy = {key: kwargs.pop(key) for key in LEGACY_OPTIMIZER_KEYS if key in kwargs}
+    if legacy:
+        arguments = ", ".join(f"{LEGACY_OPTIMIZER_KEYS[key]}={value!r}" for key, value in legacy.items())
+        logger.warning_once(
+            f"UnitaryRNNConfig: ignoring {', '.join(sorted(legacy))}: training settings are not part of the "
+            f"model configuration any more. Pass them to the optimizer instead: "
+            f"unitary_rnn.training.create_optimizer(model, {arguments})"
+        )
+
+
+__all__ = ["LEGACY_OPTIMIZER_KEYS", "UnitaryRNNConfig"]

@@ -1,10 +1,10 @@
 """Square linear layers whose weight lives on U(N) (:class:`UnitaryLinear`) or O(N) (:class:`OrthogonalLinear`).
 
 Drop-in replacements for a square ``nn.Linear`` (``y = x W^T + b``) in any network, e.g. the deep feed-forward
-networks of the projUNN paper. The weight is a plain parameter tagged with :func:`~unitary_rnn.manifold.mark_manifold`;
-it stays on the manifold only if it is trained by a manifold-aware optimizer (``unitary_rnn.training.optim.UnitaryOptimizer``
+networks of the projUNN paper. The weight is a parameter declared on the manifold (:class:`~unitary_rnn.manifold.ManifoldModule`);
+it stays there only if it is trained by a manifold-aware optimizer (``unitary_rnn.training.optim.UnitaryOptimizer``
 with the Cayley, projUNN-D or projUNN-T step, or the functions of :mod:`unitary_rnn.training.projunn` directly). A plain
-``torch.optim`` optimizer would move it off the manifold.
+``torch.optim`` optimizer is refused at its first step, and an off-manifold edit is reported at the next forward.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .manifold import mark_manifold
+from .manifold import ManifoldModule, mark_manifold
 from .parametrizations import random_unitary
 
 INITS = ("haar", "identity")
 
 
-class _ManifoldLinear(nn.Module):
+class _ManifoldLinear(ManifoldModule):
     """Shared body of the two layers: a square weight on the manifold, an optional bias, ``F.linear``."""
 
     manifold: str = ""
+    manifold_parameter_names = ("weight",)
 
     def __init__(
         self,
@@ -89,6 +90,7 @@ class UnitaryLinear(_ManifoldLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"UnitaryLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        self.check_manifold()
         if not x.is_complex():
             x = x.to(self.weight.dtype)
         return F.linear(x, self.weight, self.bias)
@@ -120,6 +122,7 @@ class OrthogonalLinear(_ManifoldLinear):
             raise ValueError(f"OrthogonalLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
         if x.is_complex():
             raise TypeError("OrthogonalLinear takes a real input; use UnitaryLinear for complex inputs")
+        self.check_manifold()
         return F.linear(x, self.weight, self.bias)
 
 

@@ -21,8 +21,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassif
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .cells import UnitaryRNNCell
+from .cells import UnitaryRNNCell, refuse_complex_conversion
 from .configuration_unitary_rnn import UnitaryRNNConfig
+from .manifold import check_manifold_state_dict, check_on_manifold, manifold_parameters
 
 __all__ = [
     "OneHotEmbedding",
@@ -88,6 +89,28 @@ class UnitaryRNNPreTrainedModel(PreTrainedModel):
             for name, value in module.initial_values().items():
                 target = getattr(module, name)
                 init.copy_(target, value.to(dtype=target.dtype, device=target.device))
+
+    def _apply(self, fn, recurse=True):
+        refuse_complex_conversion(fn, type(self).__name__)  # before any submodule is converted
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, after checking every manifold matrix in ``state_dict`` (W finite
+        and within ``unitary_rnn.manifold.manifold_tolerance``): a rejected checkpoint raises ``ValueError``
+        before anything is copied, so the model is left as it was."""
+        check_manifold_state_dict(self, state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, then a check that every manifold matrix loaded is finite and
+        within ``unitary_rnn.manifold.manifold_tolerance`` (``ValueError`` naming it otherwise)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        for name, p in manifold_parameters(model).items():
+            if not p.is_meta:
+                check_on_manifold(p, f"{cls.__name__}.from_pretrained: {name}")
+        return loaded
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         """The last step of transformers' ``push_to_hub`` (and of ``save_pretrained(push_to_hub=True)``), which has

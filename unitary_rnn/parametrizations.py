@@ -22,6 +22,7 @@ import math
 import torch
 
 __all__ = [
+    "complex_dtype",
     "random_unitary",
     "random_restricted_parameters",
     "restricted_unitary_apply",
@@ -41,7 +42,7 @@ MODRELU_EPS = 1e-8
 """Default ``eps`` inside ``|z| = sqrt(Re^2 + Im^2 + eps)`` in modReLU."""
 
 
-def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
+def complex_dtype(dtype: torch.dtype) -> torch.dtype:
     """The complex dtype whose real part is ``dtype`` (complex dtypes map to themselves)."""
     if dtype.is_complex:
         return dtype
@@ -123,7 +124,7 @@ def restricted_unitary_apply(
 
     3N + 4N = 7N real parameters. ``h`` may be real or complex; the result is complex.
     """
-    z = h.to(_complex_dtype(theta1.dtype)) if not h.is_complex() else h
+    z = h.to(complex_dtype(theta1.dtype)) if not h.is_complex() else h
     z = z * _diag_phase(theta1)
     z = torch.fft.fft(z, dim=-1, norm="ortho")
     z = reflection_apply(z, reflection1)
@@ -148,7 +149,7 @@ def restricted_unitary_matrix(
     ``W = apply(I).T`` and ``restricted_unitary_apply(h, ...) == h @ W.T``. O(N^2 log N).
     """
     n = theta1.shape[-1]
-    eye = torch.eye(n, dtype=_complex_dtype(theta1.dtype), device=theta1.device)
+    eye = torch.eye(n, dtype=complex_dtype(theta1.dtype), device=theta1.device)
     return restricted_unitary_apply(eye, theta1, theta2, theta3, reflection1, reflection2, permutation).mT
 
 

@@ -175,8 +175,9 @@ def test_double_and_back_follow_precision():
     assert cell(torch.randn(1, 3, 3, dtype=torch.float64))[0].dtype == torch.float64
     cell.float()
     assert cell.recurrent_weight.dtype == torch.complex64 and torch.equal(cell.recurrent_weight.detach(), W0)
-    cell.to(torch.complex128)  # an explicit complex cast is the user's call
-    assert cell.recurrent_weight.dtype == torch.complex128
+    with pytest.raises(TypeError, match=r"cannot convert to torch.complex128.*\.double\(\): complex128 W"):
+        cell.to(torch.complex128)  # would make the real inputs and features complex
+    assert cell.recurrent_weight.dtype == torch.complex64 and cell.input_weight.dtype == torch.float32
 
 
 def test_real_w_keeps_float32_under_narrow_casts():

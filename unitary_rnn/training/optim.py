@@ -18,21 +18,40 @@ Torch schedulers (and transformers' ``Trainer``) only know ``group["lr"]``. Each
 
 so warm-up, cosine decay, ... scale the unitary learning rate by the same factor as the Euclidean one.
 Set ``unitary_lr_follows_schedule=False`` to keep ``unitary_lr`` fixed.
+
+Guarantees of :class:`UnitaryOptimizer`
+--------------------------------------
+- Learning rates: every ``lr`` / ``unitary_lr`` must be finite and non-negative, at construction and at every
+  ``step()`` (a scheduler or a hand-edited param group is checked before anything moves): ``ValueError``.
+- Non-finite gradients: a step in which any gradient holds NaN or inf is skipped as a whole (no parameter and
+  no optimizer state changes, as ``torch.amp.GradScaler`` does), with a ``RuntimeWarning``; ``skipped_steps``
+  counts them. NaN never enters W.
+- Unitarity: after every step, ``||W^H W - I||_F`` is estimated on ``drift_probes`` random vectors
+  (:func:`unitarity_error_estimate`, O(probes N^2)) and W is re-projected onto the manifold (its polar factor,
+  O(N^3), rare) when the estimate exceeds ``reproject_tol`` (default: a quarter of
+  ``unitary_rnn.manifold.manifold_tolerance``, sqrt(N) * 1e-4 in single precision, sqrt(N) * 1e-10 in double).
+  The estimate is unbiased for the squared error; the factor 4 makes an error above the tolerance pass
+  undetected with probability below 2e-4 per step for real W and 1e-7 for complex W (chi-square tails with
+  ``drift_probes = 8``), and the next step's fresh estimate catches it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..manifold import manifold_of, project_to_unitary, unitarity_error
+from ..manifold import manifold_of, manifold_parameters, manifold_tolerance, project_to_unitary, record_manifold_step
+from . import projunn
+from .projunn import SAMPLINGS, check_learning_rate
 
 METHODS = ("cayley", "projunn_d", "projunn_t")
 BASE_OPTIMIZERS = ("rmsprop", "adam", "adamw")
-SAMPLINGS = ("lsi", "column", "exact")
+DRIFT_SAFETY_FACTOR = 4
+"""``reproject_tol="auto"`` re-projects when the estimated drift exceeds ``manifold_tolerance / 4``."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,11 +81,29 @@ def cayley_step(W: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
         raise ValueError(f"cayley_step needs square W and G of the same shape, got {tuple(W.shape)} and {tuple(G.shape)}")
     if W.dtype != G.dtype:
         raise TypeError(f"W and G must share a dtype, got {W.dtype} and {G.dtype}")
+    lr = check_learning_rate(lr, allow_negative=True)  # a negative lr is an ascent step, still on the manifold
     A = skew_gradient(W, G)  # (N, N)
     half = 0.5 * lr
     eye = torch.eye(W.shape[-1], dtype=W.dtype, device=W.device)
     rhs = W - half * (A @ W)  # (I - lr/2 A) W
     return torch.linalg.solve(eye + half * A, rhs)
+
+
+def unitarity_error_estimate(W: torch.Tensor, probes: int = 8, generator: torch.Generator | None = None) -> torch.Tensor:
+    """An estimate of ``||W^H W - I||_F`` from ``probes`` Gaussian vectors, in O(probes N^2):
+
+        est^2 = (1/k) sum_j ||(W^H W - I) x_j||^2,    x_j ~ N(0, I) (complex: E[x x^H] = I),
+
+    unbiased for ``||W^H W - I||_F^2`` because ``E ||M x||^2 = tr(M^H M)``. ``est^2 / err^2`` is a weighted mean of
+    chi-square variables with ``k`` (real) or ``2k`` (complex) degrees of freedom over ``k``, so it falls below
+    ``1/16`` with probability under 2e-4 (real) or 1e-7 (complex) for ``k = 8``, whatever ``W``.
+    """
+    n = W.shape[-1]
+    X = torch.randn(n, probes, dtype=W.dtype, device=W.device, generator=generator)  # N x k
+    # thin products as (thin x big): several times faster on CPU BLAS than W @ X (see projunn)
+    WX = (X.mT @ W.mT).mT  # N x k, W X
+    R = (WX.mH @ W).mH - X  # N x k, W^H W X - X
+    return torch.linalg.vector_norm(R) / math.sqrt(probes)
 
 
 def rmsprop_scale_(G: torch.Tensor, square_avg: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
@@ -95,8 +132,6 @@ def manifold_step(W: torch.Tensor, G: torch.Tensor, lr: float, method: str = "ca
         new = cayley_step(W, G, lr)
         return new if out is None else out.copy_(new)
     if method in ("projunn_d", "projunn_t"):
-        from . import projunn  # lazy: projUNN lives in its own module
-
         fn = projunn.projunn_direct_step if method == "projunn_d" else projunn.projunn_tangent_step
         return fn(W, G, lr, rank, sampling, generator=generator, out=out)
     raise ValueError(f"unknown manifold method {method!r}; valid: {METHODS}")
@@ -110,8 +145,8 @@ def manifold_step(W: torch.Tensor, G: torch.Tensor, lr: float, method: str = "ca
 class UnitaryOptimizer(torch.optim.Optimizer):
     """One optimizer for models with parameters on U(N)/O(N) and ordinary parameters.
 
-    A parameter tagged with a manifold (``unitary_rnn.manifold.mark_manifold``) is stepped on its
-    manifold by its group's ``method``:
+    A manifold parameter (declared by a ``unitary_rnn.manifold.ManifoldModule``, or tagged with
+    ``unitary_rnn.manifold.mark_manifold``) is stepped on its manifold by its group's ``method``:
 
     - ``"cayley"``: :func:`cayley_step` (Wisdom et al. 2016), O(N^3);
     - ``"projunn_d"`` / ``"projunn_t"``: projUNN (Kiani et al. 2022), rank-``rank`` updates with
@@ -119,9 +154,10 @@ class UnitaryOptimizer(torch.optim.Optimizer):
 
     with learning rate ``unitary_lr`` (scaled by the schedule, see the module docstring), and optionally
     the gradient first divided by an RMSprop accumulator (``rmsprop_unitary=True``, decay
-    ``unitary_alpha``, ``unitary_eps``). Every ``reproject_every`` manifold steps (and whenever
-    ``reproject_tol`` is set and ``||W^H W - I||_F`` exceeds it) ``W`` is replaced by its polar factor,
-    so rounding drift never accumulates. Both checks cost O(N^3); ``None``/``0`` turns them off.
+    ``unitary_alpha``, ``unitary_eps``). After each step W is replaced by its polar factor when the drift
+    estimated on ``drift_probes`` random vectors exceeds ``reproject_tol`` (``"auto"``: a quarter of
+    ``unitary_rnn.manifold.manifold_tolerance``; ``None``: never), and every ``reproject_every`` steps
+    when that is set (``None``/``0``: no fixed schedule). ``reprojections`` counts the re-projections.
 
     Every other parameter is stepped by ``base_optimizer``:
 
@@ -130,8 +166,11 @@ class UnitaryOptimizer(torch.optim.Optimizer):
     - ``"adamw"``: ``torch.optim.AdamW``'s update (decoupled ``weight_decay``).
 
     Complex Euclidean parameters are stepped as their real view (as torch's own optimizers do).
-    Every key above may be set per parameter group.
+    Every key above may be set per parameter group. A step with a non-finite gradient is skipped as a
+    whole (``skipped_steps`` counts them); non-finite learning rates raise (module docstring).
     """
+
+    steps_on_manifolds = True  # read by unitary_rnn.manifold's guard against Euclidean optimizers
 
     def __init__(
         self,
@@ -150,8 +189,9 @@ class UnitaryOptimizer(torch.optim.Optimizer):
         eps: float = 1e-8,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        reproject_every: int | None = 100,
-        reproject_tol: float | None = None,
+        reproject_every: int | None = None,
+        reproject_tol: float | str | None = "auto",
+        drift_probes: int = 8,
         unitary_lr_follows_schedule: bool = True,
     ):
         defaults = dict(
@@ -159,8 +199,10 @@ class UnitaryOptimizer(torch.optim.Optimizer):
             rmsprop_unitary=rmsprop_unitary, unitary_alpha=unitary_alpha, unitary_eps=unitary_eps,
             base_optimizer=base_optimizer, alpha=alpha, betas=tuple(betas), eps=eps, momentum=momentum,
             weight_decay=weight_decay, reproject_every=reproject_every, reproject_tol=reproject_tol,
-            unitary_lr_follows_schedule=unitary_lr_follows_schedule,
+            drift_probes=drift_probes, unitary_lr_follows_schedule=unitary_lr_follows_schedule,
         )
+        self.skipped_steps = 0
+        self.reprojections = 0
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -180,6 +222,20 @@ class UnitaryOptimizer(torch.optim.Optimizer):
             lr_u = lr_u * group["lr"] / group["base_lr"]
         return float(lr_u)
 
+    def _first_non_finite_gradient(self) -> str | None:
+        """Where the first non-finite gradient is (``"param group g, parameter i of shape ..."``), or None.
+        One host synchronisation for all gradients."""
+        located, flags = [], []
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    located.append((g, i, p))
+                    flags.append(torch.isfinite(p.grad).all())
+        if not flags or bool(torch.stack(flags).all()):
+            return None
+        g, i, p = located[int(torch.stack(flags).logical_not().nonzero()[0])]
+        return f"param group {g}, parameter {i} of shape {tuple(p.shape)}"
+
     # -- step -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -188,6 +244,19 @@ class UnitaryOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for index, group in enumerate(self.param_groups):  # a scheduler or a hand edit may have set them
+            check_learning_rate(group["lr"], f"param group {index}: lr")
+            check_learning_rate(self.effective_unitary_lr(group), f"param group {index}: effective unitary_lr")
+        where = self._first_non_finite_gradient()
+        if where is not None:
+            self.skipped_steps += 1
+            warnings.warn(
+                f"UnitaryOptimizer: skipped a step because of a non-finite (NaN or inf) gradient in {where}; no "
+                f"parameter or optimizer state was changed ({self.skipped_steps} step(s) skipped so far)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -218,8 +287,14 @@ class UnitaryOptimizer(torch.optim.Optimizer):
         state["step"] += 1
         step = int(state["step"].item())
         every, tol = group["reproject_every"], group["reproject_tol"]
-        if (every and step % every == 0) or (tol is not None and unitarity_error(p).item() > tol):
+        if tol == "auto":
+            tol = manifold_tolerance(p.shape[-1], p.dtype) / DRIFT_SAFETY_FACTOR
+        if (every and step % every == 0) or (
+            tol is not None and unitarity_error_estimate(p.detach(), group["drift_probes"]).item() > tol
+        ):
             p.copy_(project_to_unitary(p.detach()))
+            self.reprojections += 1
+        record_manifold_step(p)
 
     def _euclidean_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
@@ -277,8 +352,8 @@ def _validate_group(group: dict[str, Any], index: int) -> None:
     if not (isinstance(group["rank"], int) and group["rank"] >= 1):
         raise ValueError(f"{where}: rank must be a positive int, got {group['rank']!r}")
     for key in ("lr", "unitary_lr", "eps", "unitary_eps", "weight_decay", "momentum"):
-        if not group[key] >= 0:
-            raise ValueError(f"{where}: {key} must be >= 0, got {group[key]!r}")
+        if not (isinstance(group[key], (int, float, torch.Tensor)) and math.isfinite(group[key]) and group[key] >= 0):
+            raise ValueError(f"{where}: {key} must be a finite number >= 0, got {group[key]!r}")
     for key in ("alpha", "unitary_alpha"):
         if not 0.0 <= group[key] < 1.0:
             raise ValueError(f"{where}: {key} must be in [0, 1), got {group[key]!r}")
@@ -288,6 +363,12 @@ def _validate_group(group: dict[str, Any], index: int) -> None:
     every = group["reproject_every"]
     if every is not None and not (isinstance(every, int) and every >= 0):
         raise ValueError(f"{where}: reproject_every must be a non-negative int or None, got {every!r}")
+    tol = group["reproject_tol"]
+    if not (tol is None or tol == "auto" or (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0)):
+        raise ValueError(f"{where}: reproject_tol must be 'auto', a finite number > 0 or None, got {tol!r}")
+    probes = group["drift_probes"]
+    if isinstance(probes, bool) or not (isinstance(probes, int) and probes >= 1):
+        raise ValueError(f"{where}: drift_probes must be a positive int, got {probes!r}")
     for p in group["params"]:
         kind = manifold_of(p)
         if kind is not None and (p.ndim != 2 or p.shape[0] != p.shape[1]):
@@ -298,60 +379,72 @@ def _validate_group(group: dict[str, Any], index: int) -> None:
 # construction from a model
 # ----------------------------------------------------------------------------------------------------
 
-# config field -> optimizer keyword
-_CONFIG_FIELDS = {
-    "optimizer": "method",
-    "unitary_learning_rate": "unitary_lr",
-    "learning_rate": "lr",
-    "base_optimizer": "base_optimizer",
-    "rmsprop_unitary": "rmsprop_unitary",
-    "projunn_rank": "rank",
-    "projunn_sampling": "sampling",
-    "reproject_every": "reproject_every",
-}
 _OPTIMIZER_KEYS = (
     "lr", "unitary_lr", "method", "rank", "sampling", "rmsprop_unitary", "unitary_alpha", "unitary_eps",
     "base_optimizer", "alpha", "betas", "eps", "momentum", "weight_decay", "reproject_every",
-    "reproject_tol", "unitary_lr_follows_schedule",
+    "reproject_tol", "drift_probes", "unitary_lr_follows_schedule",
 )
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """``(manifold_params, euclidean_params)`` among the trainable parameters of ``model``."""
+    """``(manifold_params, euclidean_params)`` among the trainable parameters of ``model``; the manifold ones
+    come from the model's declarations (``unitary_rnn.manifold.manifold_parameters``), so a copy that lost
+    the tensors' tags is still split correctly."""
+    on_manifold = {id(p) for p in manifold_parameters(model).values()}
     manifold, euclidean = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (manifold if manifold_of(p) is not None else euclidean).append(p)
+            (manifold if id(p) in on_manifold else euclidean).append(p)
     return manifold, euclidean
 
 
-def create_optimizer(model: nn.Module, **overrides: Any) -> UnitaryOptimizer:
-    """Build a :class:`UnitaryOptimizer` for ``model``.
+def create_optimizer(
+    model: nn.Module,
+    method: str = "cayley",
+    lr: float = 1e-3,
+    unitary_lr: float = 1e-4,
+    base_optimizer: str = "rmsprop",
+    rank: int = 1,
+    sampling: str = "lsi",
+    rmsprop_unitary: bool = False,
+    weight_decay: float = 0.0,
+    reproject_tol: float | str | None = "auto",
+    reproject_every: int | None = None,
+    **kwargs: Any,
+) -> UnitaryOptimizer:
+    """A :class:`UnitaryOptimizer` for ``model``: its manifold parameters in the first group, all others in
+    the second.
 
-    Settings come from ``model.config`` when it exists (``optimizer``, ``unitary_learning_rate``,
-    ``learning_rate``, ``base_optimizer``, ``rmsprop_unitary``, ``projunn_rank``, ``projunn_sampling``,
-    ``reproject_every``), then from ``overrides`` (the :class:`UnitaryOptimizer` keyword names, e.g.
-    ``lr=``, ``unitary_lr=``, ``method=``). Manifold parameters form the first group, all others the
-    second; ``weight_decay`` applies to the second only.
+    Args:
+        method: the manifold step on W: ``"cayley"`` (multiplicative Cayley step, O(N^3)), ``"projunn_d"`` or
+            ``"projunn_t"`` (rank-``rank`` projUNN, O(rank N^2)).
+        lr: learning rate of every Euclidean parameter.
+        unitary_lr: learning rate of the manifold step.
+        base_optimizer: ``"rmsprop"``, ``"adam"`` or ``"adamw"``, for the Euclidean parameters.
+        rank: projUNN's rank k.
+        sampling: projUNN's low-rank approximation of the gradient: ``"lsi"`` (random projection), ``"column"``
+            (norm-weighted columns) or ``"exact"`` (SVD, O(N^3), for tests).
+        rmsprop_unitary: divide W's gradient by an RMSprop accumulator before the manifold step.
+        weight_decay: for the Euclidean group only (never for W).
+        reproject_tol: re-project W onto the manifold when its estimated drift exceeds this; ``"auto"``: a
+            quarter of ``unitary_rnn.manifold.manifold_tolerance``; ``None``: never.
+        reproject_every: also re-project every this many steps (``None``: no fixed schedule).
+        **kwargs: any other :class:`UnitaryOptimizer` keyword (``betas``, ``eps``, ``alpha``, ``momentum``,
+            ``unitary_alpha``, ``unitary_eps``, ``drift_probes``, ``unitary_lr_follows_schedule``).
     """
-    unknown = sorted(set(overrides) - set(_OPTIMIZER_KEYS))
+    unknown = sorted(set(kwargs) - set(_OPTIMIZER_KEYS))
     if unknown:
         raise TypeError(f"create_optimizer got unknown keyword(s) {unknown}; valid: {list(_OPTIMIZER_KEYS)}")
-    kwargs: dict[str, Any] = {}
-    config = getattr(model, "config", None)
-    if config is not None:
-        for field, key in _CONFIG_FIELDS.items():
-            value = getattr(config, field, None)
-            if value is not None:
-                kwargs[key] = value
-    kwargs.update(overrides)
     manifold, euclidean = split_parameters(model)
     if not manifold and not euclidean:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
-    weight_decay = kwargs.pop("weight_decay", 0.0)
     groups = []
     if manifold:
         groups.append({"params": manifold, "weight_decay": 0.0})
     if euclidean:
         groups.append({"params": euclidean, "weight_decay": weight_decay})
-    return UnitaryOptimizer(groups, **kwargs)
+    return UnitaryOptimizer(
+        groups, lr=lr, unitary_lr=unitary_lr, method=method, rank=rank, sampling=sampling,
+        rmsprop_unitary=rmsprop_unitary, base_optimizer=base_optimizer, reproject_every=reproject_every,
+        reproject_tol=reproject_tol, **kwargs,
+    )

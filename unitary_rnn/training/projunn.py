@@ -29,7 +29,13 @@ import math
 
 import torch
 
+from ..parametrizations import complex_dtype
+
 SAMPLINGS = ("lsi", "column", "exact")
+
+_POLAR_FACTOR_TOL = 32
+"""projUNN-D's r x r polar factor Z (Newton-Schulz refined) is accepted when ``||Z^H Z - I||_F`` is below this many
+``r * eps``; above, it is recomputed by an r x r SVD."""
 
 
 def _check_square(W: torch.Tensor, name: str = "W") -> int:
@@ -46,10 +52,12 @@ def _check_rank(rank: int, n: int) -> int:
     return rank
 
 
-def _check_lr(lr: float) -> float:
+def check_learning_rate(lr: float, name: str = "lr", allow_negative: bool = False) -> float:
+    """``lr`` as a float; ``ValueError`` naming ``name`` unless it is finite (an infinite or NaN step would write
+    NaN into W) and, unless ``allow_negative``, non-negative."""
     lr = float(lr)
-    if not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr must be a finite non-negative number, got {lr!r}")
+    if not math.isfinite(lr) or (lr < 0 and not allow_negative):
+        raise ValueError(f"{name} must be a finite{'' if allow_negative else ' non-negative'} number, got {lr!r}")
     return lr
 
 
@@ -66,15 +74,11 @@ def _check_factors(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
 
 def _check_step_arguments(W: torch.Tensor, G: torch.Tensor, lr: float) -> float:
     """Validate one projUNN step's ``W``, its gradient ``G`` and ``lr``; returns ``lr`` as a float."""
-    lr = _check_lr(lr)
+    lr = check_learning_rate(lr)
     _check_square(W)
     if G.shape != W.shape or G.dtype != W.dtype:
         raise ValueError(f"G must match W: got {tuple(G.shape)} {G.dtype}, W is {tuple(W.shape)} {W.dtype}")
     return lr
-
-
-def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
-    return {torch.float32: torch.complex64, torch.float64: torch.complex128}.get(dtype, dtype)
 
 
 # The thin products below are written as (thin x big) products, ``M X = (X^T M^T)^T`` and ``M^H X = (X^H M)^H``:
@@ -210,12 +214,13 @@ def polar_low_rank_update(
         polar(S) - I = E + S V diag(g) V^H,
         W_new = W + (W Q) (polar(S) - I) Q^H.
 
-    (plus one r x r Newton-Schulz refinement of the factor, see the code: forming ``S^H S`` squares cond(S)).
+    (plus one r x r Newton-Schulz refinement of the factor, see the code: forming ``S^H S`` squares cond(S); a
+    factor still not unitary to rounding after it is replaced by ``U V^H`` from the r x r SVD ``S = U Sigma V^H``).
 
     ``g`` is evaluated as ``-mu / (s (1 + s))`` with ``s = sqrt(1 + mu)``, which has no cancellation for tiny
     updates and is exactly 0 for ``mu = 0``: a zero update returns W unchanged, bit for bit. ``W + A B^H`` singular
     (only for steps of operator norm >= 1) has no unique polar factor; ``1 + mu`` is then floored at the dtype's
-    machine epsilon, which keeps the result finite but not unitary in the singular directions.
+    machine epsilon, and the SVD fallback then returns one of the polar factors, unitary to rounding.
     ``out`` (N x N, may be W itself) receives the result instead of a new tensor.
     """
     _check_factors(W, A, B)
@@ -229,12 +234,20 @@ def polar_low_rank_update(
     eye = torch.eye(E.shape[0], dtype=E.dtype, device=E.device)
     delta = E + ((eye + E) @ V * g) @ V.mH  # r x r, polar(S) - I
     # Forming S^H S squares the condition number of S: one Newton-Schulz step Z <- Z + Z (I - Z^H Z) / 2 on the
-    # r x r factor Z = I + delta restores unitarity to rounding (it is exactly a no-op for a zero update). It
-    # converges only for ||I - Z^H Z|| < 1, so it is skipped (without a host sync) for near-singular S.
+    # r x r factor Z = I + delta restores unitarity to rounding for a well-conditioned S (it is exactly a no-op
+    # for a zero update). For a large or near-singular step (||I - Z^H Z|| not small) the factor is instead the
+    # polar factor U V^H of the r x r SVD S = U Sigma V^H, unitary to rounding whatever cond(S) is (S singular:
+    # one of the polar factors). Either way W_new is unitary whenever W is.
     Z = eye + delta
     defect = eye - Z.mH @ Z  # r x r
-    refined = delta + Z @ defect / 2
-    delta = torch.where(torch.linalg.matrix_norm(defect) < 0.5, refined, delta)  # Frobenius >= 2-norm
+    defect_norm = torch.linalg.matrix_norm(defect).item()  # Frobenius >= 2-norm
+    if defect_norm < 0.5:  # Newton-Schulz converges only for ||I - Z^H Z|| < 1
+        delta = delta + Z @ defect / 2
+        Z = eye + delta
+        defect_norm = torch.linalg.matrix_norm(eye - Z.mH @ Z).item()
+    if not defect_norm <= _POLAR_FACTOR_TOL * E.shape[0] * torch.finfo(mu.dtype).eps:  # NaN included
+        U, _, Vh = torch.linalg.svd(eye + E)  # r x r
+        delta = U @ Vh - eye
     return _apply(W, Q, delta, out)
 
 
@@ -258,7 +271,7 @@ def expm_low_rank_tangent(
     W = W.contiguous()  # a column-major W (e.g. straight from a QR) would make every N x N pass a strided copy
     Q, E = _subspace(W, A, B)  # N x r, r x r
     K = (E - E.mH) / 2  # r x r, skew-Hermitian
-    iK = 1j * K.to(_complex_dtype(K.dtype))  # r x r, Hermitian
+    iK = 1j * K.to(complex_dtype(K.dtype))  # r x r, Hermitian
     lam, V = torch.linalg.eigh((iK + iK.mH) / 2)  # r, r x r (complex), lam ascending
     if not W.is_complex():
         # real K: the spectrum of i K is symmetric (lam, -lam with conjugate eigenvectors); enforce that exactly so
@@ -315,6 +328,7 @@ def projunn_tangent_step(
 
 __all__ = [
     "SAMPLINGS",
+    "check_learning_rate",
     "expm_low_rank_tangent",
     "low_rank_approximation",
     "polar_low_rank_update",

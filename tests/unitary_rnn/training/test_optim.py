@@ -334,18 +334,26 @@ def test_bad_group_settings():
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_create_optimizer_from_config_and_overrides():
+def test_create_optimizer_arguments():
     model = UnitaryRegression(4)
-    model.config = types.SimpleNamespace(optimizer="cayley", unitary_learning_rate=0.003, learning_rate=0.02,
-                                         base_optimizer="adam", rmsprop_unitary=True, projunn_rank=2,
-                                         projunn_sampling="column", reproject_every=50)
-    opt = create_optimizer(model, weight_decay=0.1, lr=0.04)
+    opt = create_optimizer(model, method="projunn_t", unitary_lr=0.003, lr=0.04, base_optimizer="adam", rmsprop_unitary=True,
+                           rank=2, sampling="column", reproject_every=50, weight_decay=0.1)
     manifold_group, euclidean_group = opt.param_groups
     assert manifold_group["params"] == [model.W] and euclidean_group["params"] == [model.b]
-    assert manifold_group["unitary_lr"] == 0.003 and manifold_group["lr"] == 0.04
+    assert manifold_group["method"] == "projunn_t" and manifold_group["unitary_lr"] == 0.003 and manifold_group["lr"] == 0.04
     assert manifold_group["base_optimizer"] == "adam" and manifold_group["rmsprop_unitary"]
     assert manifold_group["rank"] == 2 and manifold_group["sampling"] == "column" and manifold_group["reproject_every"] == 50
     assert manifold_group["weight_decay"] == 0.0 and euclidean_group["weight_decay"] == 0.1
+
+
+def test_create_optimizer_defaults():
+    """The documented defaults of create_optimizer: Cayley at 1e-4 on W, RMSprop at 1e-3 elsewhere, re-projection
+    driven by the measured drift."""
+    opt = create_optimizer(UnitaryRegression(4))
+    group = opt.param_groups[0]
+    assert (group["method"], group["unitary_lr"], group["lr"], group["base_optimizer"]) == ("cayley", 1e-4, 1e-3, "rmsprop")
+    assert (group["rank"], group["sampling"], group["rmsprop_unitary"]) == (1, "lsi", False)
+    assert (group["reproject_tol"], group["reproject_every"]) == ("auto", None)
 
 
 def test_create_optimizer_plain_module_and_errors():
@@ -462,17 +470,6 @@ def test_manifold_step_out_is_written_in_place(method):
     torch.testing.assert_close(target, expected, rtol=0, atol=1e-12)
 
 
-def test_config_and_optimizer_accept_the_same_base_optimizers():
-    from unitary_rnn import UnitaryRNNConfig
-    from unitary_rnn.configuration_unitary_rnn import BASE_OPTIMIZERS as CONFIG_CHOICES
-    from unitary_rnn.training.optim import BASE_OPTIMIZERS
-
-    assert CONFIG_CHOICES == BASE_OPTIMIZERS
-    model = UnitaryRegression(4)
-    model.config = UnitaryRNNConfig(base_optimizer="adamw")
-    assert {g["base_optimizer"] for g in create_optimizer(model).param_groups} == {"adamw"}
-
-
 @pytest.mark.skipif(importlib.util.find_spec("unitary_rnn.training.projunn") is None, reason="unitary_rnn.training.projunn not written yet")
 @pytest.mark.parametrize("method", ["projunn_d", "projunn_t"])
 def test_projunn_optimizer_descends(method):
@@ -563,7 +560,7 @@ def test_ddp_gloo_complex_gradients(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# the project's own models: create_optimizer from UnitaryRNNConfig, trained on the copy task
+# the project's own models: create_optimizer on a UnitaryRNN model, trained on the copy task
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -573,10 +570,9 @@ def test_create_optimizer_trains_unitary_rnn_on_copy_task(method):
     from unitary_rnn.training.tasks import CopyMemoryTask
 
     task = CopyMemoryTask(delay=5)
-    config = UnitaryRNNConfig(hidden_size=16, vocab_size=task.vocab_size, num_labels=task.num_labels, unitary_init="random",
-                              optimizer=method, unitary_learning_rate=3e-3, learning_rate=3e-3, projunn_rank=1)
+    config = UnitaryRNNConfig(hidden_size=16, vocab_size=task.vocab_size, num_labels=task.num_labels, unitary_init="random")
     model = UnitaryRNNForTokenClassification(config)
-    opt = create_optimizer(model)
+    opt = create_optimizer(model, method=method, unitary_lr=3e-3, lr=3e-3, rank=1)
     (W,) = opt.param_groups[0]["params"]
     assert W.dtype == torch.complex64 and opt.param_groups[0]["method"] == method
     data = task.generate(32, seed=0)
