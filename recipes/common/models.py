@@ -92,6 +92,23 @@ def _timm_spec(model: nn.Module) -> tuple[ImageSpec, bool, int | None]:
     return ImageSpec(c, h, w, mean, std), fixed, patch
 
 
+def _channel_normalization(name: str, kwargs: dict) -> dict:
+    """``pretrained_cfg_overlay`` giving a model built with another ``in_chans`` a mean/std of its own.
+
+    timm keeps the architecture's 3-channel mean/std in ``pretrained_cfg`` whatever ``in_chans`` is, then warns
+    ("Pretrained mean does not match 1 channels") each time it resolves them (``save_for_hf``, data configs) and
+    uses their channel average. That average, given up front, is the same normalisation without the warning.
+    """
+    import timm.models
+
+    in_chans = kwargs.get("in_chans")
+    cfg = timm.models.get_pretrained_cfg(name) if in_chans is not None and ":" not in name else None
+    if cfg is None or cfg.mean is None or len(cfg.mean) in (1, in_chans):
+        return {}
+    mean, std = (sum(cfg.mean) / len(cfg.mean),), (sum(cfg.std) / len(cfg.std),)
+    return {"pretrained_cfg_overlay": {"mean": mean, "std": std}}
+
+
 def _load_timm(name: str, num_labels: int, pretrained: bool, model_kwargs: dict, base_model: str, image_size):
     import timm
 
@@ -99,7 +116,9 @@ def _load_timm(name: str, num_labels: int, pretrained: bool, model_kwargs: dict,
     if image_size is not None and not name.startswith(("local-dir:", "hf-hub:")):
         kwargs.setdefault("img_size", image_size)
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_labels, **kwargs)
+        model = timm.create_model(
+            name, pretrained=pretrained, num_classes=num_labels, **kwargs, **_channel_normalization(name, kwargs)
+        )
     except TypeError as err:
         raise RecipeError(f"timm model {name!r} does not take the arguments {sorted(kwargs)}: {err}") from err
     except (OSError, RuntimeError) as err:
