@@ -46,6 +46,7 @@ from recipes.common.training import (
 
 TASKS = ("copy", "adding", "pixel_mnist", "permuted_pixel_mnist")
 MODELS = ("urnn", "lstm")
+OPTIMIZERS = ("cayley", "projunn_d", "projunn_t")
 PIXEL_DATASETS = ("mnist_5k", "fashion_mnist")
 
 
@@ -203,7 +204,7 @@ FLAG_RANGES = {
 def check_args(args) -> Path | None:
     """Every check that needs no data or model: names, numeric ranges, ``--rank <= --hidden_size``, the output
     folder and the checkpoint to resume from (returned)."""
-    for flag, valid in (("task", TASKS), ("model", MODELS)):
+    for flag, valid in (("task", TASKS), ("model", MODELS), ("optimizer", OPTIMIZERS)):
         if getattr(args, flag) not in valid:
             raise RecipeError(f"unknown --{flag} {getattr(args, flag)!r}; choose one of {', '.join(valid)}")
     if "pixel" in args.task and args.dataset not in PIXEL_DATASETS:
