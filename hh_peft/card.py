@@ -17,7 +17,7 @@ What the model does not record (the dataset, the results, the base model of a ti
 
     hh_peft.set_card_info(model, base_model="timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", dataset="beans",
                           metrics={"accuracy": 0.97})
-    model.push_to_hub("me/vit-beans-hta")           # README.md is the HTA card, library_name: peft
+    model.push_to_hub("me/vit-beans-hta", tags=["vtab"])  # README.md is the HTA card, library_name: peft
 """
 
 from __future__ import annotations
@@ -41,30 +41,27 @@ _CARD_INFO_ATTR = "_hta_card_info"
 # ----------------------------------------------------------------------------------------------
 # Facts the model does not record
 # ----------------------------------------------------------------------------------------------
-def set_card_info(
-    peft_model,
-    *,
-    base_model: str | None = None,
-    dataset: str | None = None,
-    metrics: Mapping[str, float] | None = None,
-    num_labels: int | None = None,
-    model_family: str | None = None,
-    model_name: str | None = None,
-    tags: list[str] | tuple[str, ...] | None = None,
-) -> None:
+def set_card_info(peft_model, *, base_model: str | None = None, dataset: str | None = None,
+                  metrics: Mapping[str, float] | None = None, num_labels: int | None = None,
+                  model_family: str | None = None, model_name: str | None = None) -> None:
     """Record facts for the HTA card of ``peft_model``; later calls update earlier ones, ``None`` keeps a value.
 
-    ``base_model``: the Hub id, local folder or timm name of the model the adapter was trained on; a timm
-    backbone does not record it, so without it the card names no base model. ``metrics``: ``{"accuracy":
-    0.9}`` measured on ``dataset``. ``num_labels``: size of the classifier (default: the base model's).
-    ``model_family``: ``"timm"`` or ``"transformers"`` (default: from the base model's type).
+    ``base_model``: the Hub id, local folder or timm name of the model the adapter was trained on. It becomes the
+    adapter config's ``base_model_name_or_path`` (saved in ``adapter_config.json``): PEFT records it only for
+    transformers models loaded ``from_pretrained``, so without it a timm backbone's card names no base model.
+    ``metrics``: ``{"accuracy": 0.9}`` measured on ``dataset``. ``num_labels``: size of the classifier (default:
+    the base model's). ``model_family``: ``"timm"`` or ``"transformers"`` (default: from the base model's type).
+    Tags go with ``push_to_hub(..., tags=[...])``.
     """
     if model_family not in (None, "timm", "transformers"):
         raise ValueError(f"model_family must be 'timm' or 'transformers', got {model_family!r}")
-    given = dict(base_model=base_model, dataset=dataset, metrics=metrics, num_labels=num_labels,
-                 model_family=model_family, model_name=model_name, tags=tags)
-    info = {**_card_info(peft_model), **{k: v for k, v in given.items() if v is not None}}
-    object.__setattr__(peft_model, _CARD_INFO_ATTR, info)
+    if base_model is not None:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = base_model
+    facts = {"dataset": dataset, "metrics": metrics, "num_labels": num_labels, "model_family": model_family,
+             "model_name": model_name}
+    object.__setattr__(peft_model, _CARD_INFO_ATTR,
+                       {**_card_info(peft_model), **{k: v for k, v in facts.items() if v is not None}})
 
 
 def _card_info(peft_model) -> dict:
@@ -72,16 +69,15 @@ def _card_info(peft_model) -> dict:
 
 
 def recorded_base_model(peft_model) -> str | None:
-    """The model ``peft_model``'s adapter was trained on, where that is on record, else ``None``.
+    """The model ``peft_model``'s active adapter was trained on, where that is on record, else ``None``.
 
-    In order: the ``base_model`` of :func:`set_card_info`, then the adapter config's ``base_model_name_or_path``.
-    PEFT fills the latter from the base model's ``name_or_path``, which transformers sets to the folder or Hub
-    id given to ``from_pretrained`` and leaves empty for a model built ``from_config``. timm models have no
-    such record: their ``pretrained_cfg`` names the architecture's default weights whether or not
-    ``create_model`` loaded them, so it is no evidence of a base model.
+    The record is the adapter config's ``base_model_name_or_path``: :func:`set_card_info`'s ``base_model``, or
+    what PEFT took from the base model's ``name_or_path``, which transformers sets to the folder or Hub id given
+    to ``from_pretrained`` and leaves empty for a model built ``from_config``. timm models have no such record:
+    their ``pretrained_cfg`` names the architecture's default weights whether or not ``create_model`` loaded
+    them, so it is no evidence of a base model.
     """
-    config = peft_model.peft_config[peft_model.active_adapter]
-    return _card_info(peft_model).get("base_model") or getattr(config, "base_model_name_or_path", None) or None
+    return getattr(peft_model.peft_config[peft_model.active_adapter], "base_model_name_or_path", None) or None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,16 +127,6 @@ def usage_snippet(adapter_id: str, base_lines: list[str]) -> str:
     ])
 
 
-def _versions(*distributions: str) -> str:
-    found = []
-    for dist in distributions:
-        try:
-            found.append(f"- {dist} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "\n".join(found)
-
-
 def build_adapter_card(
     *,
     config,
@@ -150,12 +136,11 @@ def build_adapter_card(
     dataset: str | None = None,
     metrics: Mapping[str, float] | None = None,
     adapter_params: int | None = None,
-    tags: list[str] | tuple[str, ...] = (),
 ) -> ModelCard:
     """The model card of an HTA adapter from its ``HouseholderConfig`` and the facts around it.
 
     Metadata: ``library_name: peft``, ``base_model`` (only a Hub id: the Hub rejects local paths), tags ``hta``,
-    ``householder``, ``peft`` (+ ``tags``), and a ``model-index`` with one result per entry of ``metrics`` on
+    ``householder``, ``peft``, and a ``model-index`` with one result per entry of ``metrics`` on
     ``dataset``. Text (``templates/adapter_card.md``): the update rule, ``usage``, the adapter's settings and
     the results table.
     """
@@ -171,7 +156,7 @@ def build_adapter_card(
     card_data = ModelCardData(
         library_name="peft",
         base_model=hub_base,
-        tags=list(dict.fromkeys([*HTA_TAGS, *tags])),
+        tags=list(HTA_TAGS),
         datasets=[dataset] if _is_hub_id(dataset) else None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results,
@@ -185,14 +170,13 @@ def build_adapter_card(
         model_name=model_name,
         base_model=hub_base,
         dataset=dataset,
-        householder=config.householder,
-        lora_rank=config.lora_rank,
+        config=config,
         target_modules=targets,
         modules_to_save=", ".join(f"`{m}`" for m in (config.modules_to_save or [])) or "none",
         adapter_params=f"{adapter_params:,}" if adapter_params else None,
         usage=usage,
         metrics=metrics,
-        versions=_versions("hh-peft", "peft", "transformers", "timm", "torch"),
+        versions={dist: importlib.metadata.version(dist) for dist in ("hh-peft", "peft", "transformers", "timm", "torch")},
     )
 
 
@@ -222,7 +206,7 @@ def adapter_card_for(peft_model, repo_id: str | None = None) -> ModelCard:
     base_model = recorded_base_model(peft_model)
     base_lines = _base_model_lines(base_model, family, type(base), num_labels, bool(config.modules_to_save),
                                    architecture)
-    saved = get_peft_model_state_dict(peft_model, adapter_name=adapter)
+    saved = get_peft_model_state_dict(peft_model, adapter_name=adapter, save_embedding_layers=False)  # no Hub lookup
     return build_adapter_card(
         config=config,
         usage=usage_snippet(repo_id or ADAPTER_PLACEHOLDER, base_lines),
@@ -231,7 +215,6 @@ def adapter_card_for(peft_model, repo_id: str | None = None) -> ModelCard:
         dataset=info.get("dataset"),
         metrics=info.get("metrics"),
         adapter_params=sum(t.numel() for t in saved.values()),
-        tags=info.get("tags") or (),
     )
 
 

@@ -28,30 +28,26 @@ _HEAD_TASKS = {"ForSequenceClassification": "text-classification", "ForTokenClas
 _CARD_INFO_ATTR = "_unitary_rnn_card_info"
 
 
-def set_card_info(
-    model,
-    *,
-    task: str | None = None,
-    dataset: str | None = None,
-    metrics: Mapping[str, float] | None = None,
-    task_type: str | None = None,
-    optimizer: str | None = None,
-    projunn_rank: int | None = None,
-    tags: list[str] | tuple[str, ...] | None = None,
-) -> None:
-    """Record facts for the card of ``model``; later calls update earlier ones, ``None`` keeps a value.
+def set_card_info(model, *, task: str | None = None, dataset: str | None = None,
+                  metrics: Mapping[str, float] | None = None, task_type: str | None = None,
+                  optimizer: str | None = None, projunn_rank: int | None = None) -> None:
+    """Record how ``model`` was trained and what it scored, for its card; later calls update earlier ones,
+    ``None`` keeps a value.
 
     ``task``: what the model was trained on, in words. ``metrics``: ``{"accuracy": 0.9}`` measured on
     ``dataset``. ``task_type``: the Hub task of the results (default from the head: sequence ->
     text-classification, token -> token-classification). ``optimizer``: the manifold step that trained W
-    (``"cayley"``, ``"projunn_d"``, ``"projunn_t"``), with ``projunn_rank`` for projUNN.
+    (``"cayley"``, ``"projunn_d"``, ``"projunn_t"``), with ``projunn_rank`` for projUNN. Tags are transformers'
+    own: ``model.add_model_tags([...])`` or ``push_to_hub(..., tags=[...])``.
     """
-    if optimizer is not None and optimizer not in MANIFOLD_OPTIMIZERS:
+    if optimizer not in (None, *MANIFOLD_OPTIMIZERS):
         raise ValueError(f"optimizer={optimizer!r} is not a manifold optimizer; valid: {', '.join(MANIFOLD_OPTIMIZERS)}")
-    given = dict(task=task, dataset=dataset, metrics=metrics, task_type=task_type, optimizer=optimizer,
-                 projunn_rank=projunn_rank, tags=tags)
-    info = {**getattr(model, _CARD_INFO_ATTR, {}), **{k: v for k, v in given.items() if v is not None}}
-    setattr(model, _CARD_INFO_ATTR, info)
+    recorded = getattr(model, _CARD_INFO_ATTR, {})
+    for name, value in dict(task=task, dataset=dataset, metrics=metrics, task_type=task_type, optimizer=optimizer,
+                            projunn_rank=projunn_rank).items():
+        if value is not None:
+            recorded[name] = value
+    setattr(model, _CARD_INFO_ATTR, recorded)
 
 
 def training_method(config, optimizer: str | None = None, projunn_rank: int | None = None) -> str:
@@ -73,7 +69,7 @@ def model_card_for(model, repo_id: str | None = None) -> ModelCard:
     """The card of ``model`` (any ``UnitaryRNNPreTrainedModel``), to be loaded from ``repo_id``.
 
     Metadata: ``library_name: transformers``, tags ``unitary-rnn`` or ``orthogonal-rnn`` and ``custom_code``
-    (+ the :func:`set_card_info` tags), a ``model-index`` with one result per metric. Text
+    (+ the model's ``model_tags``), a ``model-index`` with one result per metric. Text
     (``templates/model_card.md``): the recurrence, how W is parametrised and trained, and how to load the model
     with and without the ``unitary_rnn`` package.
     """
@@ -83,39 +79,31 @@ def model_card_for(model, repo_id: str | None = None) -> ModelCard:
     head = next((suffix for suffix in _HEAD_TASKS if architecture.endswith(suffix)), None)
     kind = "unitary" if config.field == "complex" else "orthogonal"
     name = repo_id.split("/")[-1] if repo_id else f"{kind}-rnn-{config.hidden_size}"
-    dataset, metrics = info.get("dataset"), dict(info.get("metrics") or {})
     results = [
         EvalResult(task_type=info.get("task_type") or _HEAD_TASKS.get(head, "other"), task_name=info.get("task"),
-                   dataset_type=dataset, dataset_name=dataset, metric_type=metric, metric_value=float(value))
-        for metric, value in metrics.items()
+                   dataset_type=info.get("dataset"), dataset_name=info.get("dataset"), metric_type=metric,
+                   metric_value=float(value))
+        for metric, value in (info.get("metrics") or {}).items()
     ]
     card_data = ModelCardData(
         library_name="transformers",
-        tags=list(dict.fromkeys([f"{kind}-rnn", "custom_code", *(info.get("tags") or ())])),
+        tags=list(dict.fromkeys([f"{kind}-rnn", "custom_code", *(model.model_tags or [])])),
         model_name=name if results else None,
         eval_results=results or None,
     )
-    versions = []
-    for dist in ("hh-peft", "transformers", "torch"):
-        try:
-            versions.append(f"- {dist} {importlib.metadata.version(dist)}")
-        except importlib.metadata.PackageNotFoundError:
-            continue
     return ModelCard.from_template(
         card_data,
         template_str=TEMPLATE.read_text(encoding="utf-8"),
+        config=config,
+        info=info,
+        training=training_method(config, info.get("optimizer"), info.get("projunn_rank")),
+        num_parameters=f"{sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters()):,}",
         model_name=name,
         kind=kind,
-        config=config,
-        task=info.get("task"),
-        dataset=dataset,
-        metrics=metrics,
-        training=training_method(config, info.get("optimizer"), info.get("projunn_rank")),
         architecture=architecture,
         auto_class=f"AutoModel{head or ''}",
         model_ref=repo_id or "<model folder or Hub id>",
-        num_parameters=f"{sum(p.numel() * (2 if p.is_complex() else 1) for p in model.parameters()):,}",
-        versions="\n".join(versions),
+        versions={dist: importlib.metadata.version(dist) for dist in ("hh-peft", "transformers", "torch")},
     )
 
 

@@ -135,7 +135,9 @@ def test_push_hta_adapter_uploads_files_and_our_card(fake_hub):
     model.push_to_hub("me/vit-hta")
     files = fake_hub.repos["me/vit-hta"]
     assert set(files) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
-    assert json.loads(files["adapter_config.json"])["peft_type"] == "HTA"
+    adapter_config = json.loads(files["adapter_config.json"])
+    assert adapter_config["peft_type"] == "HTA"
+    assert adapter_config["base_model_name_or_path"] == "timm/vit_tiny_patch16_224.augreg_in21k"  # PEFT's record
 
     pushed = fake_hub.card("me/vit-hta")
     data = pushed.data.to_dict()

@@ -40,6 +40,13 @@ def test_push_uploads_config_weights_code_and_card(fake_hub):
     assert "has been pushed on the Hub" not in pushed.text  # not transformers' generic card
 
 
+def test_card_tags_are_transformers_model_tags(tmp_path):
+    model = _model()
+    model.add_model_tags(["copy-task"])
+    unitary_rnn.write_model_card(model, tmp_path)
+    assert ModelCard.load(tmp_path / "README.md").data.tags == ["unitary-rnn", "custom_code", "copy-task"]
+
+
 def test_save_pretrained_push_to_hub_uploads_the_card_too(fake_hub, tmp_path):
     """transformers' other push path (``save_pretrained(push_to_hub=True)``) ends in the same upload step."""
     model = _model()
