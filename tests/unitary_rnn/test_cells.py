@@ -2,6 +2,8 @@
 
 import logging
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -175,7 +177,9 @@ def test_double_and_back_follow_precision():
     assert cell(torch.randn(1, 3, 3, dtype=torch.float64))[0].dtype == torch.float64
     cell.float()
     assert cell.recurrent_weight.dtype == torch.complex64 and torch.equal(cell.recurrent_weight.detach(), W0)
-    with pytest.raises(TypeError, match=r"cannot convert to torch.complex128.*\.double\(\): complex128 W"):
+    with pytest.raises(TypeError, match=r"cannot convert to torch.complex128.*\.double\(\): complex128 W"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's "complex modules are a new feature"
         cell.to(torch.complex128)  # would make the real inputs and features complex
     assert cell.recurrent_weight.dtype == torch.complex64 and cell.input_weight.dtype == torch.float32
 
@@ -221,3 +225,44 @@ def test_fused_backward_refuses_double_backward():
     (gX,) = torch.autograd.grad(H.sum(), X, create_graph=True)
     with pytest.raises(RuntimeError):
         gX.sum().backward()
+
+
+# ------------------------------------------------------------------ complex32 and the restricted cell in half precision
+@pytest.mark.parametrize("parametrization", ["full", "restricted"])
+def test_complex_casts_raise_a_clear_error_and_change_nothing(parametrization):
+    """Before: .to(torch.complex32) made every tensor complex32 and the forward died in a kernel ("addmm_impl_cpu_"
+    / "eye" not implemented for 'ComplexHalf')."""
+    from unitary_rnn import UnitaryRNNForTokenClassification
+
+    model = UnitaryRNNForTokenClassification(UnitaryRNNConfig(hidden_size=6, vocab_size=5, num_labels=5, input_embedding="embedding",
+                                                              input_size=3, parametrization=parametrization))
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's "complex modules are a new feature"
+        for dtype in (torch.complex32, torch.complex64):
+            with pytest.raises(TypeError, match=rf"UnitaryRNNForTokenClassification: cannot convert to {dtype}: the inputs, "
+                                                r"heads and features are real.*\.half\(\)"):
+                model.to(dtype)
+    assert {name: p.dtype for name, p in model.named_parameters()} == dtypes  # the embedding was not converted either
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("apply", ["matrix", "fft"])
+def test_restricted_cell_runs_under_half_precision_casts(dtype, apply, caplog):
+    """Before: the restricted parametrisation cast to bf16 died in the FFT / complex kernels. Its angles and
+    reflections now stay float32 (like a full W), the recurrence runs in float32, features come out in ``dtype``."""
+    cell = _cell(parametrization="restricted", restricted_apply=apply)
+    x = torch.randn(2, 5, 3)
+    reference, _ = cell(x)
+    with caplog.at_level(logging.WARNING, logger="unitary_rnn.cells"):
+        cell.to(dtype)
+    assert "keeping the restricted parametrisation's angles and reflections in torch.float32" in caplog.text
+    for name in ("theta1", "theta2", "theta3", "reflection1", "reflection2"):
+        assert getattr(cell, name).dtype == torch.float32, name
+    assert cell.input_weight.dtype == dtype
+    states, _ = cell(x.to(dtype))
+    assert states.dtype == dtype
+    states.float().sum().backward()
+    assert cell.theta1.grad.dtype == torch.float32 and torch.isfinite(cell.theta1.grad).all()
+    # only the input projection, bias and h0 were rounded to half precision
+    torch.testing.assert_close(states.float(), reference, rtol=0, atol=5e-2)

@@ -65,6 +65,44 @@ def test_config_rejects_invalid_choices(kw, match):
         UnitaryRNNConfig(**kw)
 
 
+LEGACY = {"optimizer": "projunn_t", "unitary_learning_rate": 0.0123, "learning_rate": 0.002, "base_optimizer": "adam",
+          "rmsprop_unitary": True, "projunn_rank": 3, "projunn_sampling": "column", "reproject_every": 50}
+
+
+def test_config_holds_no_training_settings():
+    config = UnitaryRNNConfig()
+    for key in LEGACY:
+        assert not hasattr(config, key), key
+        assert key not in config.to_dict(), key
+
+
+def test_a_config_json_saved_with_optimizer_settings_still_loads(tmp_path, caplog):
+    """A folder written before the training settings left the configuration: its model loads, the keys are dropped
+    (and not written again), and one warning says which create_optimizer call replaces them."""
+    model = UnitaryRNNForTokenClassification(_config(num_labels=4))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, **LEGACY}))
+    with caplog.at_level("WARNING", logger="unitary_rnn.configuration_unitary_rnn"):
+        loaded = AutoModelForTokenClassification.from_pretrained(tmp_path)
+    messages = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(messages) == 1, messages
+    assert "unitary_rnn.training.create_optimizer(model, method='projunn_t', unitary_lr=0.0123, lr=0.002, " \
+           "base_optimizer='adam', rmsprop_unitary=True, rank=3, sampling='column', reproject_every=50)" in messages[0]
+    for key in LEGACY:
+        assert not hasattr(loaded.config, key), key
+    torch.testing.assert_close(loaded.model.cell.recurrent_weight, model.model.cell.recurrent_weight, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "again")
+    assert not set(LEGACY) & set(json.loads((tmp_path / "again" / "config.json").read_text()))
+
+
+def test_passing_a_training_setting_to_the_config_warns(caplog):
+    with caplog.at_level("WARNING", logger="unitary_rnn.configuration_unitary_rnn"):
+        config = UnitaryRNNConfig(optimizer="cayley", unitary_learning_rate=0.0456)
+    assert "create_optimizer(model, method='cayley', unitary_lr=0.0456)" in caplog.text
+    assert not hasattr(config, "optimizer") and not hasattr(config, "unitary_learning_rate")
+
+
 # ------------------------------------------------------------------ shapes and outputs
 @pytest.mark.parametrize("field,width", [("complex", 16), ("real", 8)])
 def test_base_model_shapes(field, width):
