@@ -30,6 +30,7 @@ from typing import Mapping
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .persistence import hta_only
 from .registration import HTA_PEFT_TYPE
 
 HTA_TAGS = ("hta", "householder", "peft")
@@ -221,11 +222,6 @@ def adapter_card_for(peft_model, repo_id: str | None = None) -> ModelCard:
 # ----------------------------------------------------------------------------------------------
 # The hook
 # ----------------------------------------------------------------------------------------------
-def _hta_only(peft_model) -> bool:
-    configs = getattr(peft_model, "peft_config", None) or {}
-    return bool(configs) and all(getattr(c, "peft_type", None) == HTA_PEFT_TYPE for c in configs.values())
-
-
 def _write_on_save(peft_model, output_dir: str) -> None:
     """``save_pretrained``'s card: the HTA card, or, over a README.md someone else wrote there, that README's
     text with the HTA card's metadata (as PEFT does with its own card)."""
@@ -265,13 +261,13 @@ def install_card_hook() -> None:
 
     @functools.wraps(original_card)
     def create_or_update_model_card(self, output_dir: str):
-        if not _hta_only(self):
+        if not hta_only(self):
             return original_card(self, output_dir)
         _write_on_save(self, output_dir)
 
     @functools.wraps(original_upload)
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        if _hta_only(self):
+        if hta_only(self):
             _write_before_upload(self, working_dir, repo_id)
         return original_upload(self, working_dir, repo_id, *args, **kwargs)
 
