@@ -35,8 +35,8 @@ _SAVED_PREFIX = "base_model.model."
 def hotswap_adapter(
     model: nn.Module, model_name_or_path: str, adapter_name: str = "default", torch_device: str | None = None, **kwargs
 ) -> None:
-    """Replace the values of the loaded HTA adapter ``adapter_name`` of ``model`` (a `PeftModel`, possibly
-    ``torch.compile``d) by those of the HTA adapter saved at ``model_name_or_path`` (a folder or a Hub repo id), in
+    """Replace the values of the loaded HTA adapter ``adapter_name`` of ``model`` (a `PeftModel`, or a transformers
+    model with the adapter from ``load_adapter``; possibly ``torch.compile``d) by those of the HTA adapter saved at ``model_name_or_path`` (a folder or a Hub repo id), in
     place. ``kwargs`` (``subfolder``, ``revision``, ``token``, ...) go to the config and weight loading, as in
     ``PeftModel.from_pretrained``.
 
@@ -61,7 +61,7 @@ def hotswap_adapter_from_state_dict(
     model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, config: PeftConfig
 ) -> None:
     """Copy an HTA adapter's saved ``state_dict`` (keys as in ``adapter_model.safetensors``: no adapter name) into the
-    loaded adapter ``adapter_name`` of the `PeftModel` ``model``, in place; all checks come before the first copy."""
+    loaded adapter ``adapter_name`` of ``model`` (a `PeftModel` or a model with injected adapters), in place; all checks come before the first copy."""
     loaded = model.peft_config[adapter_name]
     _check_configs(loaded, config, adapter_name)
     layers = {name: module for name, module in model.named_modules() if isinstance(module, HouseholderLayer)}
@@ -71,6 +71,9 @@ def hotswap_adapter_from_state_dict(
             "would subtract the new adapter's update); call `unmerge_adapter()` first"
         )
     wrappers = {name: module for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)}
+    if not any(name.startswith(_SAVED_PREFIX) for name in [*layers, *wrappers]):
+        # a model with the adapter injected directly (transformers' `load_adapter`): module names without PeftModel's prefix
+        state_dict = {key.removeprefix(_SAVED_PREFIX): value for key, value in state_dict.items()}
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     covered: set[tuple[str, str]] = set()
     unexpected = []

@@ -105,3 +105,24 @@ def test_unknown_adapter_name_and_lora_adapter_are_refused(tmp_path):
     get_peft_model(mlp(), LoraConfig(target_modules=["0"])).save_pretrained(tmp_path / "lora")
     with pytest.raises(ValueError, match=r"swaps HTA adapters, but the new adapter is .*LORA.*peft.utils.hotswap.hotswap_adapter"):
         hh_peft.hotswap_adapter(model, tmp_path / "lora", adapter_name="default", torch_device="cpu")
+
+
+def test_transformers_model_with_load_adapter_is_hot_swapped_too(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=96, num_labels=5)
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "base")
+    hta = dict(init_weights=False, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    for seed, name in enumerate(["first", "second"]):
+        base = ViTForImageClassification.from_pretrained(tmp_path / "base")
+        torch.manual_seed(seed + 1)
+        get_peft_model(base, HouseholderConfig(**hta)).save_pretrained(tmp_path / name)
+    model = ViTForImageClassification.from_pretrained(tmp_path / "base").eval()
+    model.load_adapter(str(tmp_path / "first"))
+    hh_peft.hotswap_adapter(model, tmp_path / "second", adapter_name="default", torch_device="cpu")
+    reference = PeftModel.from_pretrained(ViTForImageClassification.from_pretrained(tmp_path / "base"), tmp_path / "second")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).logits, reference.eval()(pixel_values=x).logits, rtol=0, atol=0)
