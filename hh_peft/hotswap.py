@@ -36,9 +36,9 @@ def hotswap_adapter(
     model: nn.Module, model_name_or_path: str, adapter_name: str = "default", torch_device: str | None = None, **kwargs
 ) -> None:
     """Replace the values of the loaded HTA adapter ``adapter_name`` of ``model`` (a `PeftModel`, or a transformers
-    model with the adapter from ``load_adapter``; possibly ``torch.compile``d) by those of the HTA adapter saved at ``model_name_or_path`` (a folder or a Hub repo id), in
-    place. ``kwargs`` (``subfolder``, ``revision``, ``token``, ...) go to the config and weight loading, as in
-    ``PeftModel.from_pretrained``.
+    model with the adapter from ``load_adapter``; possibly ``torch.compile``d) by those of the HTA adapter saved at
+    ``model_name_or_path`` (a folder or a Hub repo id), in place. ``kwargs`` (``subfolder``, ``revision``,
+    ``token``, ...) go to the config and weight loading, as in ``PeftModel.from_pretrained``.
 
     ```py
     >>> model = torch.compile(PeftModel.from_pretrained(base, "adapter-0"))
@@ -61,7 +61,8 @@ def hotswap_adapter_from_state_dict(
     model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str, config: PeftConfig
 ) -> None:
     """Copy an HTA adapter's saved ``state_dict`` (keys as in ``adapter_model.safetensors``: no adapter name) into the
-    loaded adapter ``adapter_name`` of ``model`` (a `PeftModel` or a model with injected adapters), in place; all checks come before the first copy."""
+    loaded adapter ``adapter_name`` of ``model`` (a `PeftModel` or a model with injected adapters), in place; all
+    checks come before the first copy."""
     loaded = model.peft_config[adapter_name]
     _check_configs(loaded, config, adapter_name)
     layers = {name: module for name, module in model.named_modules() if isinstance(module, HouseholderLayer)}
@@ -72,7 +73,7 @@ def hotswap_adapter_from_state_dict(
         )
     wrappers = {name: module for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)}
     if not any(name.startswith(_SAVED_PREFIX) for name in [*layers, *wrappers]):
-        # a model with the adapter injected directly (transformers' `load_adapter`): module names without PeftModel's prefix
+        # adapters injected into the model itself (transformers' `load_adapter`): no PeftModel prefix in module names
         state_dict = {key.removeprefix(_SAVED_PREFIX): value for key, value in state_dict.items()}
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     covered: set[tuple[str, str]] = set()
@@ -95,9 +96,10 @@ def hotswap_adapter_from_state_dict(
         copies.append((target, _fit(value, target, key, None)))
     if unexpected:
         raise ValueError(
-            f"Cannot hot-swap: the new adapter has {len(unexpected)} tensor(s) the loaded adapter {adapter_name!r} lacks "
-            f"(it adapts other layers, or has a B A term where the loaded one has lora_rank=0), e.g. {unexpected[:3]}. Hot-swapping keeps the modules; load the new adapter "
-            "with `PeftModel.load_adapter` instead."
+            f"Cannot hot-swap: the new adapter has {len(unexpected)} tensor(s) the loaded adapter {adapter_name!r} "
+            "lacks (it adapts other layers, or has a B A term where the loaded one has lora_rank=0), e.g. "
+            f"{unexpected[:3]}. Hot-swapping keeps the modules; load the new adapter with `PeftModel.load_adapter` "
+            "instead."
         )
     zeroed = [
         getattr(layer, tensor_name)[adapter_name]
@@ -115,7 +117,8 @@ def hotswap_adapter_from_state_dict(
 def _modules_to_save_tensor(
     wrappers: dict[str, ModulesToSaveWrapper], key: str, adapter_name: str
 ) -> torch.Tensor | None:
-    """The tensor of ``adapter_name``'s trained copy that the saved ``key`` (``<wrapped module>.<tensor path>``) holds."""
+    """The tensor of ``adapter_name``'s trained copy that the saved ``key`` (``<wrapped module>.<tensor path>``)
+    holds."""
     for name, wrapper in wrappers.items():
         if key.startswith(f"{name}.") and adapter_name in wrapper.modules_to_save:
             copy = wrapper.modules_to_save[adapter_name]
