@@ -10,7 +10,15 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .card import model_card_for, set_card_info, write_model_card
 from .configuration_unitary_rnn import UnitaryRNNConfig
-from .manifold import manifold_of, mark_manifold, project_to_unitary, unitarity_error
+from .manifold import (
+    ManifoldModule,
+    manifold_of,
+    manifold_parameters,
+    manifold_tolerance,
+    mark_manifold,
+    project_to_unitary,
+    unitarity_error,
+)
 from .modeling_unitary_rnn import (
     UnitaryRNNForSequenceClassification,
     UnitaryRNNForTokenClassification,
@@ -38,6 +46,7 @@ UnitaryRNNForSequenceClassification.register_for_auto_class("AutoModelForSequenc
 UnitaryRNNForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
 
 __all__ = [
+    "ManifoldModule",
     "UnitaryRNNConfig",
     "UnitaryRNNForSequenceClassification",
     "UnitaryRNNForTokenClassification",
@@ -45,6 +54,8 @@ __all__ = [
     "UnitaryRNNModelOutput",
     "UnitaryRNNPreTrainedModel",
     "manifold_of",
+    "manifold_parameters",
+    "manifold_tolerance",
     "mark_manifold",
     "model_card_for",
     "modrelu",
