@@ -16,7 +16,8 @@ adapters and ``selected_adapters`` behave exactly as in PEFT). Then:
 3. the new folder takes the old one's place in one step: ``renameat2(RENAME_EXCHANGE)`` on Linux swaps the two paths
    atomically, so a reader at any moment opens the old adapter or the new one. Where the file system cannot exchange,
    the old folder is renamed aside (``.<name>.hta-old-...``) and the new one renamed in; a process killed between the
-   two renames leaves no folder for an instant, and the next save or load puts the old folder back;
+   two renames leaves no folder for an instant, and the next save or load puts the old folder back. A folder that is
+   a mount point cannot be renamed: its files are replaced one by one, each atomically (with a warning);
 4. the old folder is removed.
 
 Any failure before step 3 (a full disk, a signal, an error in the card) removes the temporary folder and leaves the
@@ -51,6 +52,7 @@ import shutil
 import signal
 import struct
 import sys
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -102,6 +104,8 @@ def _add_digest(path: str) -> None:
 
 
 def _fsync(path: str) -> None:
+    if os.name == "nt" and os.path.isdir(path):
+        return  # Windows cannot open a folder for fsync; its renames are journaled by NTFS
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -227,6 +231,9 @@ def _swap_into_place(new: str, target: str) -> None:
         os.rename(new, target)
         _fsync(parent)
         return
+    if os.path.ismount(target):
+        _replace_file_by_file(new, target)
+        return
     if exchange_paths(new, target):
         _fsync(parent)
         shutil.rmtree(new)  # ``new`` now names the old folder
@@ -237,6 +244,22 @@ def _swap_into_place(new: str, target: str) -> None:
         os.rename(new, target)
     _fsync(parent)
     shutil.rmtree(old)
+
+
+def _replace_file_by_file(new: str, target: str) -> None:
+    """A mount point cannot be renamed: move each file of ``new`` over its namesake in ``target`` (each file is
+    replaced atomically, the folder as a whole is not), then remove ``new``."""
+    warnings.warn(
+        f"{target} is a mount point, so the adapter folder cannot be replaced in one step: its files are replaced one "
+        "by one (each atomically). Save into a folder inside the mount for an atomic save."
+    )
+    for folder, _, names in os.walk(new):
+        destination = os.path.join(target, os.path.relpath(folder, new))
+        os.makedirs(destination, exist_ok=True)
+        for name in sorted(names, key=lambda n: n == CONFIG_FILE):  # the config last
+            os.replace(os.path.join(folder, name), os.path.join(destination, name))
+        _fsync(destination)
+    shutil.rmtree(new)
 
 
 @contextlib.contextmanager

@@ -357,3 +357,16 @@ def test_a_non_hta_folder_keeps_peft_errors(tmp_path):
     (tmp_path / "lora" / "adapter_config.json").write_text("")
     with pytest.raises(json.JSONDecodeError):
         PeftModel.from_pretrained(make_base(), tmp_path / "lora")
+
+
+def test_a_mount_point_folder_gets_its_files_replaced_one_by_one(saved, monkeypatch):
+    """A mount point cannot be renamed: each file is replaced atomically, with a warning that the folder is not."""
+    folder, _ = saved
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == os.path.realpath(folder) or real_ismount(path))
+    model = adapted(make_base(), seed=2)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match="is a mount point, so the adapter folder cannot be replaced in one step"):
+        model.save_pretrained(folder)
+    assert (folder / "notes.txt").read_text() == "mine" and siblings(folder) == []
+    assert torch.equal(output(PeftModel.from_pretrained(make_base(), folder)), output(model))

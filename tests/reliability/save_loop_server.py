@@ -7,7 +7,7 @@ writes the two adapters once, complete, to REFERENCES/a and REFERENCES/b, prints
 stdin, one per line:
 
 * ``loop SEED MODE FOLDER``: fork a child that saves a and b alternately (order from SEED) into FOLDER forever,
-  printing ``saved a`` / ``saved b`` after each save returns; MODE ``exchange`` (atomic rename exchange) or
+  printing ``started`` once it runs and ``saved a`` / ``saved b`` after each save returns; MODE ``exchange`` (atomic rename exchange) or
   ``fallback`` (the two-rename swap of file systems without one). Prints ``child PID``; once the child has ended,
   ``exit STATUS`` (the raw status of ``os.waitpid``).
 * ``once MODE FOLDER``: the same child, but it saves a single time and exits.
@@ -59,9 +59,13 @@ def build_models(base: nn.Module) -> dict:
         if label == "b":
             with torch.no_grad():
                 model.base_model.model.head.modules_to_save["default"].weight.mul_(-1.0)
-        hh_peft.set_card_info(model, tags=[f"adapter-{label}"])
         models[label] = model
     return models
+
+
+def say(line: str) -> None:
+    """One line on stdout in one write (the server and its child share the pipe: lines never interleave)."""
+    os.write(1, (line + "\n").encode())
 
 
 def child(folder: str, models: dict, seed: int, mode: str, once: bool) -> None:
@@ -71,14 +75,15 @@ def child(folder: str, models: dict, seed: int, mode: str, once: bool) -> None:
     order = list(LABELS)
     random.Random(seed).shuffle(order)
     try:
+        say("started")
         while True:
             for label in order:
                 models[label].save_pretrained(folder)
-                print(f"saved {label}", flush=True)
+                say(f"saved {label}")
                 if once:
                     os._exit(0)
     except KeyboardInterrupt:
-        print("interrupted", flush=True)
+        say("interrupted")
         os._exit(3)
 
 
@@ -88,7 +93,7 @@ def main() -> None:
     models = build_models(build_base())
     for label, model in models.items():
         model.save_pretrained(os.path.join(references, label))
-    print("ready", flush=True)
+    say("ready")
     for line in sys.stdin:
         command, *args = line.split()
         once = command == "once"
@@ -99,9 +104,9 @@ def main() -> None:
                 child(folder, models, seed, mode, once)
             finally:
                 os._exit(4)  # never return into the server loop
-        print(f"child {pid}", flush=True)
+        say(f"child {pid}")
         _, status = os.waitpid(pid, 0)
-        print(f"exit {status}", flush=True)
+        say(f"exit {status}")
 
 
 if __name__ == "__main__":
