@@ -183,9 +183,13 @@ def _sibling(target: str, tag: str) -> str:
     return os.path.join(parent, f".{name}{tag}{os.getpid()}-{secrets.token_hex(4)}")
 
 
+# Temporary folders this process is writing now (another thread may save next to the same folder).
+_WRITING: set[str] = set()
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # a sibling of this process is never in use between two of its saves
+        return False  # this process's own folders in use are in _WRITING
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -206,8 +210,9 @@ def _stale_siblings(target: str) -> tuple[list[str], list[str]]:
         return tmp, old
     for entry in entries:
         match = pattern.match(entry)
-        if match and not _pid_alive(int(match["pid"])):
-            (tmp if match["tag"] == TMP_TAG else old).append(os.path.join(parent, entry))
+        path = os.path.join(parent, entry)
+        if match and path not in _WRITING and not _pid_alive(int(match["pid"])):
+            (tmp if match["tag"] == TMP_TAG else old).append(path)
     return tmp, old
 
 
@@ -287,6 +292,7 @@ def atomic_save_pretrained(original, peft_model, save_directory, *args, **kwargs
     recover(target)
     new = _sibling(target, TMP_TAG)
     os.mkdir(new)
+    _WRITING.add(new)
     try:
         if os.path.isdir(target):
             shutil.copymode(target, new)
@@ -311,6 +317,8 @@ def atomic_save_pretrained(original, peft_model, save_directory, *args, **kwargs
         if isinstance(error, Exception):
             error.add_note(f"Saving the HTA adapter to {target} failed; the folder was left as it was.")
         raise
+    finally:
+        _WRITING.discard(new)
     if cwd is not None and (cwd == target or cwd.startswith(target + os.sep)):
         os.chdir(cwd)  # the process was inside the replaced folder: follow the path to the new one
 
@@ -550,13 +558,29 @@ def _from_pretrained(original, cls, *args, **kwargs):
         _IN_FROM_PRETRAINED.reset(token)
 
 
+def _check_every_layer_loaded(peft_model, adapter_name: str, load_result, model_id) -> None:
+    """An HTA layer the config targets but the file has no tensors for would keep its fresh initialisation (PEFT only
+    warns): refuse it, since the config and the weights then belong to different adapters."""
+    if getattr(peft_model.peft_config.get(adapter_name), "peft_type", None) != HTA_PEFT_TYPE:
+        return
+    missing = [key for key in load_result.missing_keys if ".hta_" in key]
+    if missing:
+        layers = sorted({key.removeprefix("base_model.model.").split(".hta_")[0] for key in missing})
+        raise ValueError(
+            f"The HTA adapter in {model_id} has no saved tensors for {len(layers)} layer(s) its config targets, e.g. "
+            f"{layers[0]!r} (missing {missing[0]!r}): the config and the weights belong to different adapters"
+        )
+
+
 def _load_adapter(original, peft_model, *args, **kwargs):
-    if _IN_FROM_PRETRAINED.get():
-        return original(peft_model, *args, **kwargs)
     bound = inspect.signature(original).bind(peft_model, *args, **kwargs)
     arguments = {**bound.arguments, **bound.arguments.get("kwargs", {})}
-    adapter_name = arguments["adapter_name"]
-    folder = _local_folder(arguments["model_id"], arguments.get("subfolder"))
+    adapter_name, model_id = arguments["adapter_name"], arguments["model_id"]
+    if _IN_FROM_PRETRAINED.get():  # checked before, and rolled back on failure, by our from_pretrained
+        result = original(peft_model, *args, **kwargs)
+        _check_every_layer_loaded(peft_model, adapter_name, result, model_id)
+        return result
+    folder = _local_folder(model_id, arguments.get("subfolder"))
     existing = peft_model.peft_config.get(adapter_name)
     is_hta = folder is not None and check_adapter_folder(folder, existing)
     overwritten = ()
@@ -564,7 +588,9 @@ def _load_adapter(original, peft_model, *args, **kwargs):
         overwritten = tuple(p for n, p in peft_model.named_parameters() if n.endswith(f".{adapter_name}") or f".{adapter_name}." in n)
     snapshot = ModuleTreeSnapshot(peft_model, overwritten)
     try:
-        return original(peft_model, *args, **kwargs)
+        result = original(peft_model, *args, **kwargs)
+        _check_every_layer_loaded(peft_model, adapter_name, result, model_id)
+        return result
     except BaseException as error:
         config = peft_model.peft_config.get(adapter_name)
         if is_hta or getattr(config, "peft_type", None) == HTA_PEFT_TYPE:
@@ -585,11 +611,13 @@ def install_persistence_hooks() -> None:
     original_from_pretrained = PeftModel.from_pretrained.__func__
     original_load_adapter = PeftModel.load_adapter
 
+    save_signature = inspect.signature(original_save)
+
     @functools.wraps(original_save)
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        if not is_main_process or not hta_only(self):
-            return original_save(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
-        return atomic_save_pretrained(original_save, self, save_directory, *args, **kwargs)
+    def save_pretrained(self, *args, **kwargs):
+        if not hta_only(self) or not save_signature.bind(self, *args, **kwargs).arguments.get("is_main_process", True):
+            return original_save(self, *args, **kwargs)
+        return atomic_save_pretrained(original_save, self, *args, **kwargs)
 
     @functools.wraps(original_from_pretrained)
     def from_pretrained(cls, *args, **kwargs):

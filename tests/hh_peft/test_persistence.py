@@ -370,3 +370,24 @@ def test_a_mount_point_folder_gets_its_files_replaced_one_by_one(saved, monkeypa
         model.save_pretrained(folder)
     assert (folder / "notes.txt").read_text() == "mine" and siblings(folder) == []
     assert torch.equal(output(PeftModel.from_pretrained(make_base(), folder)), output(model))
+
+
+@pytest.mark.parametrize("entry", ["from_pretrained", "load_adapter"])
+def test_a_config_targeting_layers_the_file_has_no_tensors_for_is_refused(tmp_path, entry):
+    """PEFT only warns about missing adapter keys and keeps those layers' fresh (here random) initialisation."""
+    folder = tmp_path / "lin0-only"
+    adapted(make_base(), target_modules=["lin0"]).save_pretrained(folder)
+    _edit_config(target_modules=["lin0", "lin1"])(folder)
+    model = make_base() if entry == "from_pretrained" else adapted(make_base(), seed=5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"no saved tensors for 1 layer\(s\) its config targets, e.g. 'lin1' .*hta_"):
+        if entry == "from_pretrained":
+            PeftModel.from_pretrained(model, folder)
+        else:
+            model.load_adapter(folder, adapter_name="other")
+    assert_unchanged(model, before)
+
+
+def test_a_save_with_is_main_process_false_writes_nothing(tmp_path):
+    adapted(make_base()).save_pretrained(tmp_path / "adapter", is_main_process=False)
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists() and siblings(tmp_path / "adapter") == []
