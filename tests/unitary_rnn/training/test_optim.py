@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import types
 
 import pytest
 import torch
@@ -437,11 +435,10 @@ def test_transformers_trainer(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# projUNN dispatch (only once unitary_rnn/training/projunn.py exists)
+# projUNN dispatch
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("unitary_rnn.training.projunn") is None, reason="unitary_rnn.training.projunn not written yet")
 @pytest.mark.parametrize("method", ["projunn_d", "projunn_t"])
 @pytest.mark.parametrize("dtype", [torch.complex128, torch.float64])
 def test_projunn_dispatch(method, dtype):
@@ -470,7 +467,6 @@ def test_manifold_step_out_is_written_in_place(method):
     torch.testing.assert_close(target, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("unitary_rnn.training.projunn") is None, reason="unitary_rnn.training.projunn not written yet")
 @pytest.mark.parametrize("method", ["projunn_d", "projunn_t"])
 def test_projunn_optimizer_descends(method):
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 
 from unitary_rnn import UnitaryRNNConfig, UnitaryRNNForTokenClassification
 from unitary_rnn.manifold import unitarity_error
-from unitary_rnn.training import UnitaryOptimizer, UnitaryTrainer, create_optimizer
+from unitary_rnn.training import UnitaryOptimizer, UnitaryTrainer
 
 
 def _model():
@@ -73,9 +73,3 @@ def test_unitary_trainer_refuses_an_optim_it_would_ignore(tmp_path):
     with pytest.raises(TypeError, match="unknown keyword"):
         UnitaryTrainer(model=_model(), args=_args(tmp_path), unitary_optimizer_kwargs=dict(learning_rate=1))
 
-
-def test_plain_trainer_with_our_optimizer(tmp_path):
-    model = _model()
-    opt = create_optimizer(model, unitary_lr=0.1, lr=1e-2)
-    Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), optimizers=(opt, None)).train()
-    assert unitarity_error(_W(model).detach()) < 1e-5
