@@ -205,6 +205,14 @@ class UnitaryOptimizer(torch.optim.Optimizer):
         self.reprojections = 0
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict and unpickling: param groups saved before drift_probes existed get its default
+        super().__setstate__(state)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("reprojections", 0)
+        for group in self.param_groups:
+            group.setdefault("drift_probes", 8)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]

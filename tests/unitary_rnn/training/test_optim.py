@@ -726,3 +726,17 @@ def test_sampling_choices_have_one_home():
     from unitary_rnn.training import optim, projunn
 
     assert optim.SAMPLINGS is projunn.SAMPLINGS
+
+
+def test_an_optimizer_state_saved_without_drift_probes_loads():
+    """Param groups saved before ``drift_probes`` existed (a resumed checkpoint) get its default."""
+    model = UnitaryRegression(4)
+    opt = create_optimizer(model)
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["drift_probes"]
+    fresh = create_optimizer(model)
+    fresh.load_state_dict(saved)
+    assert [g["drift_probes"] for g in fresh.param_groups] == [8, 8]
+    model.W.grad, model.b.grad = random_like(model.W, 1), random_like(model.b, 2)
+    fresh.step()
