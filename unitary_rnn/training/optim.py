@@ -32,7 +32,8 @@ Guarantees of :class:`UnitaryOptimizer`
   ``unitary_rnn.manifold.manifold_tolerance``, sqrt(N) * 1e-4 in single precision, sqrt(N) * 1e-10 in double).
   The estimate is unbiased for the squared error; the factor 4 makes an error above the tolerance pass
   undetected with probability below 2e-4 per step for real W and 1e-7 for complex W (chi-square tails with
-  ``drift_probes = 8``), and the next step's fresh estimate catches it.
+  ``drift_probes = 8``), and the next step's fresh estimate catches it. The probes are drawn from torch's
+  global generator (as the ``"lsi"`` sampler's are), so seeding torch seeds them.
 """
 
 from __future__ import annotations
