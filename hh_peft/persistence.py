@@ -56,12 +56,11 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from torch import nn
 
 from .registration import HTA_PEFT_TYPE
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 CARD_FILE = "README.md"
 DIGEST_KEY = "hta_sha256"
 TMP_TAG = ".hta-tmp-"
@@ -229,31 +228,28 @@ def recover(target: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _swap_into_place(new: str, target: str) -> None:
-    """Make the complete folder ``new`` appear at ``target`` (see the module docstring, step 3), then remove the old."""
-    parent = os.path.dirname(target)
+def _swap_into_place(new: str, target: str) -> Optional[str]:
+    """Make the complete folder ``new`` appear at ``target`` in one step (module docstring, step 3); return the path
+    that now holds the old folder (to remove), if any. On an exception ``target`` is as it was."""
     if not os.path.lexists(target):
         os.rename(new, target)
-        _fsync(parent)
-        return
-    if os.path.ismount(target):
-        _replace_file_by_file(new, target)
-        return
+        return None
     if exchange_paths(new, target):
-        _fsync(parent)
-        shutil.rmtree(new)  # ``new`` now names the old folder
-        return
+        return new  # ``new`` now names the old folder
     old = _sibling(target, OLD_TAG)
     with _signals_deferred():  # a Ctrl-C lands after both renames, never between them
         os.rename(target, old)
-        os.rename(new, target)
-    _fsync(parent)
-    shutil.rmtree(old)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    return old
 
 
 def _replace_file_by_file(new: str, target: str) -> None:
     """A mount point cannot be renamed: move each file of ``new`` over its namesake in ``target`` (each file is
-    replaced atomically, the folder as a whole is not), then remove ``new``."""
+    replaced atomically, the folder as a whole is not)."""
     warnings.warn(
         f"{target} is a mount point, so the adapter folder cannot be replaced in one step: its files are replaced one "
         "by one (each atomically). Save into a folder inside the mount for an atomic save."
@@ -261,10 +257,18 @@ def _replace_file_by_file(new: str, target: str) -> None:
     for folder, _, names in os.walk(new):
         destination = os.path.join(target, os.path.relpath(folder, new))
         os.makedirs(destination, exist_ok=True)
-        for name in sorted(names, key=lambda n: n == CONFIG_FILE):  # the config last
+        for name in sorted(names, key=lambda n: n == CONFIG_NAME):  # the config last
             os.replace(os.path.join(folder, name), os.path.join(destination, name))
         _fsync(destination)
-    shutil.rmtree(new)
+
+
+def _remove_tree(path: str) -> None:
+    """``shutil.rmtree``, finished even when a signal interrupts it."""
+    try:
+        shutil.rmtree(path)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -290,9 +294,15 @@ def atomic_save_pretrained(original, peft_model, save_directory, *args, **kwargs
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     recover(target)
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        cwd = None
+    mount_point = os.path.ismount(target)
     new = _sibling(target, TMP_TAG)
     os.mkdir(new)
     _WRITING.add(new)
+    leftover = None
     try:
         if os.path.isdir(target):
             shutil.copymode(target, new)
@@ -301,22 +311,27 @@ def atomic_save_pretrained(original, peft_model, save_directory, *args, **kwargs
                 shutil.copy2(card, os.path.join(new, CARD_FILE))
         original(peft_model, new, *args, **kwargs)
         for folder, _, names in os.walk(new):
-            if WEIGHTS_FILE in names:
-                _add_digest(os.path.join(folder, WEIGHTS_FILE))
+            if SAFETENSORS_WEIGHTS_NAME in names:
+                _add_digest(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME))
         _fsync_tree(new, files=True)
-        if os.path.isdir(target):
+        if os.path.isdir(target) and not mount_point:
             _link_missing(target, new)
             _fsync_tree(new, files=False)
-        try:
-            cwd = os.getcwd()
-        except FileNotFoundError:
-            cwd = None
-        _swap_into_place(new, target)
+        if not mount_point:
+            leftover = _swap_into_place(new, target)
     except BaseException as error:
         shutil.rmtree(new, ignore_errors=True)
+        _WRITING.discard(new)
         if isinstance(error, Exception):
             error.add_note(f"Saving the HTA adapter to {target} failed; the folder was left as it was.")
         raise
+    try:
+        if mount_point:
+            _replace_file_by_file(new, target)
+            leftover = new
+        _fsync(parent)
+        if leftover is not None:
+            _remove_tree(leftover)
     finally:
         _WRITING.discard(new)
     if cwd is not None and (cwd == target or cwd.startswith(target + os.sep)):
@@ -420,8 +435,6 @@ def check_adapter_folder(folder: str, config=None) -> bool:
     ``config``: the config the caller passed instead of the folder's ``adapter_config.json``.
     Raises a ``ValueError`` that names the file and the problem.
     """
-    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-
     from .config import HouseholderConfig
 
     config_path = os.path.join(folder, CONFIG_NAME)
