@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import RecipeError
+from .progress import progress_bar
 
 CHECKPOINTS = "checkpoints"
 _STEP_PREFIX = "step_"
@@ -231,16 +232,6 @@ class TrainResult:
     resumed_from: Path | None
 
 
-def _progress_bar(total: int, initial: int, desc: str, disable: bool):
-    try:
-        from .progress import progress_bar
-    except ImportError:  # pragma: no cover - the wrapper is part of the recipes
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)
-    return progress_bar(total=total, initial=initial, desc=desc, disable=disable)
-
-
 def train(
     accelerator,
     model: torch.nn.Module,
@@ -271,7 +262,8 @@ def train(
     updates (default: every ``eval_epochs`` epochs, else ten times per run) and after the last.
     ``checkpointing_steps``: save the training state every N updates (:func:`save_checkpoint`);
     ``resume_from``: a checkpoint folder to continue from. The train loader, model, optimizer and scheduler
-    are prepared here; prepare any held-out loader before calling.
+    are prepared here; prepare any held-out loader before calling. Progress goes to stderr
+    (:func:`recipes.common.progress.progress_bar`: a bar on a terminal, a plain line per 10 % in a log).
     """
     if len(train_loader) == 0:
         raise RecipeError(f"the training set has {len(train_loader.dataset)} examples, fewer than one batch of "
@@ -299,7 +291,8 @@ def train(
         load_checkpoint(accelerator, resume_from)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
 
-    progress = _progress_bar(total_steps, state.step, desc, quiet or not accelerator.is_local_main_process)
+    progress = progress_bar(total=total_steps, initial=state.step, desc=desc,
+                            disable=quiet or not accelerator.is_local_main_process)
     history = state.history
     model.train()
     segment_start = time.perf_counter()
@@ -333,8 +326,8 @@ def train(
                     history.setdefault(name, []).append(value)
                     if value is not None:
                         postfix[name] = f"{value:.4f}"
-            progress.update(1)
             progress.set_postfix(postfix, refresh=False)
+            progress.update(1)
             if checkpointing_steps and state.step % checkpointing_steps == 0:
                 state.train_time_s += time.perf_counter() - segment_start
                 segment_start = time.perf_counter()

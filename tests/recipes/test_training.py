@@ -62,6 +62,19 @@ def test_steps_epochs_accumulation_and_history(tmp_path):
     assert h["lr"] == pytest.approx([1e-2 * (1 - s / 9) for s in range(1, 9)])  # the scheduler stepped once per update
 
 
+def test_progress_in_a_log_is_plain_lines(tmp_path, capsys):
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    model, optimizer, loader = _pieces()
+    train(_accelerator(), model, optimizer, loader, _loss, output_dir=tmp_path, max_train_steps=20, desc="tiny",
+          evaluate=lambda m: {"probe": 0.5}, eval_every=10)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tiny:")]
+    assert "\r" not in err and len(lines) == 10  # every 10 % of 20 steps
+    assert lines[-1].startswith("tiny: 100% 20/20") and "loss=" in lines[-1] and "probe=0.5000" in lines[-1]
+
+
 def test_resume_mid_epoch_is_bit_identical(tmp_path):
     straight = _run(tmp_path / "a", max_train_steps=17, checkpointing_steps=4, eval_every=5)
     assert [p.name for p in complete_checkpoints(tmp_path / "a")] == ["step_4", "step_8", "step_12", "step_16"]
