@@ -221,8 +221,8 @@ class ManifoldModule(nn.Module):
                         f"{err}. It was changed in place by something other than a manifold optimizer (a plain "
                         "torch.optim optimizer, or a manual edit). Train it with "
                         "unitary_rnn.training.create_optimizer(model, ...) (with transformers: "
-                        "unitary_rnn.training.UnitaryTrainer); call project_manifold_parameters_() to put it "
-                        "back on the manifold."
+                        f"unitary_rnn.training.UnitaryTrainer); {type(self).__name__}.project_manifold_parameters_() "
+                        "puts it back on the manifold."
                     ) from None
             verified[name] = (id(p), version)
 
