@@ -191,10 +191,12 @@ class UnitaryRNNCell(ManifoldModule):
             dtype = torch.complex64 if config.field == "complex" else torch.float32
             self.recurrent_weight = mark_manifold(nn.Parameter(torch.empty(N, N, dtype=dtype)))
         else:
+            # never below float32, even when built under a half-precision default dtype (from_pretrained(dtype=...))
+            real = torch.float32 if torch.get_default_dtype() in _NARROW_FLOATS else torch.get_default_dtype()
             for k in (1, 2, 3):
-                setattr(self, f"theta{k}", nn.Parameter(torch.empty(N)))
+                setattr(self, f"theta{k}", nn.Parameter(torch.empty(N, dtype=real)))
             for k in (1, 2):
-                setattr(self, f"reflection{k}", nn.Parameter(torch.empty(2, N)))
+                setattr(self, f"reflection{k}", nn.Parameter(torch.empty(2, N, dtype=real)))
             self.register_buffer("permutation", torch.empty(N, dtype=torch.long))
         if not self.input_weight.is_meta:
             self.reset_parameters()

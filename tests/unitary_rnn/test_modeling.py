@@ -246,6 +246,24 @@ def test_load_with_bfloat16_keeps_w_complex(tmp_path):
     assert torch.isfinite(loaded(input_ids=torch.randint(0, 10, (2, 5))).logits).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_restricted_model_loads_and_trains_in_half_precision(tmp_path, dtype):
+    """from_pretrained(dtype=bf16) builds the model under a bf16 default dtype: the restricted angles and reflections
+    are still created in float32 (in bf16 the FFT and complex kernels failed), and keep the saved values exactly."""
+    model = UnitaryRNNForTokenClassification(_config(num_labels=3, parametrization="restricted"))
+    model.save_pretrained(tmp_path)
+    loaded = UnitaryRNNForTokenClassification.from_pretrained(tmp_path, dtype=dtype)
+    cell = loaded.model.cell
+    for name in ("theta1", "theta2", "theta3", "reflection1", "reflection2"):
+        assert getattr(cell, name).dtype == torch.float32 and torch.equal(getattr(cell, name), getattr(model.model.cell, name))
+    assert loaded.classifier.weight.dtype == dtype
+    ids, labels = torch.randint(0, 10, (2, 5)), torch.randint(0, 3, (2, 5))
+    out = loaded(input_ids=ids, labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(cell.theta1.grad).all()
+    torch.testing.assert_close(out.logits.float(), model(input_ids=ids).logits, rtol=0, atol=2e-2)
+
+
 @pytest.mark.parametrize("cast", ["to_bf16", "half", "float"])
 def test_model_casts_keep_w_complex(cast):
     model = UnitaryRNNForTokenClassification(_config(num_labels=3))
