@@ -28,8 +28,9 @@ def _dataset():
 
 def _args(tmp_path, **kw):
     kw.setdefault("max_steps", 4)
+    kw.setdefault("save_strategy", "no")
     return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             save_strategy="no", logging_steps=1, disable_tqdm=True, **kw)
+                             logging_steps=1, disable_tqdm=True, **kw)
 
 
 def _W(model):
@@ -73,3 +74,17 @@ def test_unitary_trainer_refuses_an_optim_it_would_ignore(tmp_path):
     with pytest.raises(TypeError, match="unknown keyword"):
         UnitaryTrainer(model=_model(), args=_args(tmp_path), unitary_optimizer_kwargs=dict(learning_rate=1))
 
+
+
+def test_unitary_trainer_resumes_from_a_checkpoint_exactly(tmp_path):
+    """The optimizer state (projUNN's step counts, the Euclidean moments) goes through Trainer's checkpoint and
+    resuming at step 3 ends bit-identical to a straight run of 6 steps."""
+    kw = dict(unitary_optimizer_kwargs=dict(method="projunn_t", unitary_lr=0.1))
+    args = dict(save_strategy="steps", save_steps=3, max_steps=6, learning_rate=1e-2, seed=0)
+    straight = _model()
+    UnitaryTrainer(model=straight, args=_args(tmp_path / "a", **args), train_dataset=_dataset(), **kw).train()
+    resumed = _model()
+    UnitaryTrainer(model=resumed, args=_args(tmp_path / "b", **args), train_dataset=_dataset(), **kw).train(
+        resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
