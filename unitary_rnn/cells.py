@@ -160,9 +160,12 @@ class UnitaryRNNCell(ManifoldModule):
 
     Parameters: ``input_weight`` V ``(g*N, input_size)`` (rows ``[Re V ; Im V]``), ``hidden_bias`` b ``(N,)``,
     ``initial_state`` h_0 ``(g*N,)`` (learned, ``[Re ; Im]``), and W: ``recurrent_weight``, one complex
-    ``N x N`` parameter tagged ``manifold="unitary"`` (real and ``"orthogonal"`` for ``field="real"``) for
+    ``N x N`` parameter on U(N) (real, on O(N), for ``field="real"``; declared in
+    ``manifold_parameter_names``, see :class:`~unitary_rnn.manifold.ManifoldModule`) for
     ``parametrization="full"``, or ``theta1..3`` ``(N,)``, ``reflection1..2`` ``(2, N)`` and the buffer
-    ``permutation`` for ``"restricted"``.
+    ``permutation`` for ``"restricted"``. Each forward of the full cell first runs
+    :meth:`~unitary_rnn.manifold.ManifoldModule.check_manifold` (W changed off the manifold by anything but a
+    manifold optimizer raises).
 
     Casting: a real-dtype cast (``.to(torch.bfloat16)``, ``.half()``, ``.float()``, ``.double()``) keeps W
     on its manifold: a complex W stays complex (complex128 for float64, complex64 otherwise), and neither
