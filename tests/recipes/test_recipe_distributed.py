@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,3 +112,27 @@ def test_unitary_rnn_recipe_with_two_processes(tmp_path):
     assert metrics["unitarity_error"] < 1e-4
     assert writes["1"] == [], f"rank 1 wrote: {writes['1']}"
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_two_process_checkpoints_resume_bit_identically(tmp_path):
+    """Every rank writes its RNG streams into the temporary folder; rank 0 renames it once all have written."""
+    argv = ["--task", "copy", "--seq_len", "5", "--hidden_size", "8", "--optimizer", "projunn_t", "--rank", "2",
+            "--max_train_steps", "6", "--batch_size", "4", "--train_samples", "40", "--eval_batches", "1", "--quiet",
+            "--no_plot", "--checkpointing_steps", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    torchrun("recipes/train_unitary_rnn.py", [*argv, "--output_dir", str(straight)], tmp_path / "a", straight)
+    step_2 = straight / "checkpoints" / "step_2"
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in step_2.iterdir()}
+    torchrun("recipes/train_unitary_rnn.py", [*argv, "--output_dir", str(resumed), "--resume_from_checkpoint",
+                                              str(step_2)], tmp_path / "b", resumed)
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
+    assert a["history"] == b["history"] and b["distributed"]["replica_max_abs_diff"] == 0.0
+
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
