@@ -25,14 +25,15 @@ Guarantees of :class:`UnitaryOptimizer`
   ``step()`` (a scheduler or a hand-edited param group is checked before anything moves): ``ValueError``.
 - Non-finite gradients: a step in which any gradient holds NaN or inf is skipped as a whole (no parameter and
   no optimizer state changes, as ``torch.amp.GradScaler`` does), with a ``RuntimeWarning``; ``skipped_steps``
-  counts them. NaN never enters W.
+  counts them. NaN never enters W. The test is that each gradient's sum is finite (one pass, NaN and inf
+  propagate); a gradient so large that its sum overflows (above 3e38 in float32) is skipped as well.
 - Unitarity: after every step, ``||W^H W - I||_F`` is estimated on ``drift_probes`` random vectors
-  (:func:`unitarity_error_estimate`, O(probes N^2)) and W is re-projected onto the manifold (its polar factor,
-  O(N^3), rare) when the estimate exceeds ``reproject_tol`` (default: a quarter of
-  ``unitary_rnn.manifold.manifold_tolerance``, sqrt(N) * 1e-4 in single precision, sqrt(N) * 1e-10 in double).
-  The estimate is unbiased for the squared error; the factor 4 makes an error above the tolerance pass
-  undetected with probability below 2e-4 per step for real W and 1e-7 for complex W (chi-square tails with
-  ``drift_probes = 8``), and the next step's fresh estimate catches it. The probes are drawn from torch's
+  (:func:`unitarity_error_estimate`, O(probes N^2); default 4 for complex W, 8 for real W) and W is re-projected
+  onto the manifold (its polar factor, O(N^3), rare) when the estimate exceeds ``reproject_tol`` (default: a
+  quarter of ``unitary_rnn.manifold.manifold_tolerance``, sqrt(N) * 1e-4 in single precision, sqrt(N) * 1e-10
+  in double). The estimate is unbiased for the squared error; with the factor 4 an error above the tolerance
+  passes undetected with probability below 2e-4 per step (the chi-square tail with 8 degrees of freedom: a
+  complex probe carries two), and the next step's fresh estimate catches it. The probes are drawn from torch's
   global generator (as the ``"lsi"`` sampler's are), so seeding torch seeds them.
 """
 
@@ -90,16 +91,20 @@ def cayley_step(W: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
     return torch.linalg.solve(eye + half * A, rhs)
 
 
-def unitarity_error_estimate(W: torch.Tensor, probes: int = 8, generator: torch.Generator | None = None) -> torch.Tensor:
-    """An estimate of ``||W^H W - I||_F`` from ``probes`` Gaussian vectors, in O(probes N^2):
+def unitarity_error_estimate(W: torch.Tensor, probes: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """An estimate of ``||W^H W - I||_F`` from ``k = probes`` Gaussian vectors, in O(k N^2):
 
         est^2 = (1/k) sum_j ||(W^H W - I) x_j||^2,    x_j ~ N(0, I) (complex: E[x x^H] = I),
 
-    unbiased for ``||W^H W - I||_F^2`` because ``E ||M x||^2 = tr(M^H M)``. ``est^2 / err^2`` is a weighted mean of
-    chi-square variables with ``k`` (real) or ``2k`` (complex) degrees of freedom over ``k``, so it falls below
-    ``1/16`` with probability under 2e-4 (real) or 1e-7 (complex) for ``k = 8``, whatever ``W``.
+    unbiased for ``||W^H W - I||_F^2`` because ``E ||M x||^2 = tr(M^H M)``. ``est^2 / err^2`` is a weighted mean, over
+    the eigenvalues of ``W^H W - I``, of chi-square variables with ``d = k`` (real) or ``d = 2k`` (complex) degrees of
+    freedom divided by ``d``; its lower tail is heaviest when one eigenvalue carries the whole error, and then
+    ``P(est < err / 4) = P(chi2_d < d / 16)``, below 2e-4 for ``d = 8``. ``probes=None``: 4 for complex W, 8 for
+    real W (``d = 8`` either way).
     """
     n = W.shape[-1]
+    if probes is None:
+        probes = 4 if W.is_complex() else 8
     X = torch.randn(n, probes, dtype=W.dtype, device=W.device, generator=generator)  # N x k
     # thin products as (thin x big): several times faster on CPU BLAS than W @ X (see projunn)
     WX = (X.mT @ W.mT).mT  # N x k, W X
@@ -156,7 +161,7 @@ class UnitaryOptimizer(torch.optim.Optimizer):
     with learning rate ``unitary_lr`` (scaled by the schedule, see the module docstring), and optionally
     the gradient first divided by an RMSprop accumulator (``rmsprop_unitary=True``, decay
     ``unitary_alpha``, ``unitary_eps``). After each step W is replaced by its polar factor when the drift
-    estimated on ``drift_probes`` random vectors exceeds ``reproject_tol`` (``"auto"``: a quarter of
+    estimated on ``drift_probes`` random vectors (``None``: 4 for complex W, 8 for real W) exceeds ``reproject_tol`` (``"auto"``: a quarter of
     ``unitary_rnn.manifold.manifold_tolerance``; ``None``: never), and every ``reproject_every`` steps
     when that is set (``None``/``0``: no fixed schedule). ``reprojections`` counts the re-projections.
 
@@ -192,7 +197,7 @@ class UnitaryOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         reproject_every: int | None = None,
         reproject_tol: float | str | None = "auto",
-        drift_probes: int = 8,
+        drift_probes: int | None = None,
         unitary_lr_follows_schedule: bool = True,
     ):
         defaults = dict(
@@ -212,7 +217,7 @@ class UnitaryOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("reprojections", 0)
         for group in self.param_groups:
-            group.setdefault("drift_probes", 8)
+            group.setdefault("drift_probes", None)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -234,15 +239,18 @@ class UnitaryOptimizer(torch.optim.Optimizer):
     def _first_non_finite_gradient(self) -> str | None:
         """Where the first non-finite gradient is (``"param group g, parameter i of shape ..."``), or None.
         One host synchronisation for all gradients."""
-        located, flags = [], []
+        located, sums = [], []
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
-                if p.grad is not None:
+                if p.grad is not None and not p.grad.is_sparse:
                     located.append((g, i, p))
-                    flags.append(torch.isfinite(p.grad).all())
-        if not flags or bool(torch.stack(flags).all()):
+                    sums.append(p.grad.sum())  # NaN / inf propagate; 20x cheaper than isfinite(grad).all()
+        if not sums:
             return None
-        g, i, p = located[int(torch.stack(flags).logical_not().nonzero()[0])]
+        finite = torch.isfinite(torch.stack(sums))
+        if bool(finite.all()):
+            return None
+        g, i, p = located[int(finite.logical_not().nonzero()[0])]
         return f"param group {g}, parameter {i} of shape {tuple(p.shape)}"
 
     # -- step -----------------------------------------------------------------------------------------
@@ -376,8 +384,8 @@ def _validate_group(group: dict[str, Any], index: int) -> None:
     if not (tol is None or tol == "auto" or (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0)):
         raise ValueError(f"{where}: reproject_tol must be 'auto', a finite number > 0 or None, got {tol!r}")
     probes = group["drift_probes"]
-    if isinstance(probes, bool) or not (isinstance(probes, int) and probes >= 1):
-        raise ValueError(f"{where}: drift_probes must be a positive int, got {probes!r}")
+    if probes is not None and (isinstance(probes, bool) or not (isinstance(probes, int) and probes >= 1)):
+        raise ValueError(f"{where}: drift_probes must be a positive int or None, got {probes!r}")
     for p in group["params"]:
         kind = manifold_of(p)
         if kind is not None and (p.ndim != 2 or p.shape[0] != p.shape[1]):

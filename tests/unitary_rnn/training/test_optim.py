@@ -708,17 +708,17 @@ def test_unitarity_error_estimate_is_unbiased_and_rarely_low(dtype):
     u = W[:, :1]
     bent = W + 1e-3 * u @ random_like(W, 3)[:1]  # a rank-one error: the worst case for the estimate
     exact = unitarity_error(bent).item()
-    estimates = torch.stack([unitarity_error_estimate(bent, 8, generator=g) for _ in range(2000)])
+    estimates = torch.stack([unitarity_error_estimate(bent, generator=g) for _ in range(2000)])  # 4 / 8 probes
     assert (estimates.square().mean() / exact**2).item() == pytest.approx(1.0, abs=0.05)
     assert (estimates < exact / 4).float().mean().item() < 2e-3
-    assert unitarity_error_estimate(W, 8, generator=g).item() < 1e-13
+    assert unitarity_error_estimate(W, generator=g).item() < 1e-13
 
 
 def test_bad_drift_settings():
     W = mark_manifold(nn.Parameter(random_unitary(3)))
     with pytest.raises(ValueError, match="reproject_tol must be 'auto', a finite number > 0 or None"):
         UnitaryOptimizer([W], reproject_tol=float("inf"))
-    with pytest.raises(ValueError, match="drift_probes must be a positive int"):
+    with pytest.raises(ValueError, match="drift_probes must be a positive int or None"):
         UnitaryOptimizer([W], drift_probes=0)
 
 
@@ -737,6 +737,6 @@ def test_an_optimizer_state_saved_without_drift_probes_loads():
         del group["drift_probes"]
     fresh = create_optimizer(model)
     fresh.load_state_dict(saved)
-    assert [g["drift_probes"] for g in fresh.param_groups] == [8, 8]
+    assert [g["drift_probes"] for g in fresh.param_groups] == [None, None]
     model.W.grad, model.b.grad = random_like(model.W, 1), random_like(model.b, 2)
     fresh.step()
