@@ -87,9 +87,10 @@ def check_ranges(args: argparse.Namespace, ranges: Mapping[str, Range]) -> None:
             raise RecipeError(f"--{name} must be {valid}, got {value!r}")
 
 
-def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Raise `RecipeError` unless ``output_dir`` is (or can be created as) a writable folder. Nothing is created;
-    this runs before any data is loaded so that a run cannot train for hours and then fail to save."""
+def check_output_dir(output_dir: str | os.PathLike, probe: bool = True) -> Path:
+    """Raise `RecipeError` unless ``output_dir`` is (or can be created as) a writable folder. Nothing is left
+    behind; this runs before any data is loaded so that a run cannot train for hours and then fail to save.
+    ``probe``: also try a real write (only the process that will write should)."""
     path = Path(output_dir).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise RecipeError(f"--output_dir {str(output_dir)!r} is a file, not a folder")
@@ -99,7 +100,8 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     if not existing.is_dir():
         raise RecipeError(f"--output_dir {str(output_dir)!r} cannot be created: {str(existing)!r} is a file")
     try:  # a real write (permissions, read-only mounts, pseudo file systems), removed at once
-        os.rmdir(tempfile.mkdtemp(prefix=".write_probe_", dir=existing))
+        if probe:
+            os.rmdir(tempfile.mkdtemp(prefix=".write_probe_", dir=existing))
     except OSError as err:
         what = "is not writable" if existing == path else f"cannot be created in {str(existing)!r}"
         raise RecipeError(f"--output_dir {str(output_dir)!r} {what} ({err.strerror})") from err
@@ -110,7 +112,9 @@ def check_run_args(args: argparse.Namespace, ranges: Mapping[str, Range]) -> Pat
     """The checks every recipe makes before loading data: the flags in ``ranges``, ``--output_dir``, and
     ``--resume_from_checkpoint`` (returns the checkpoint folder to resume from, or None)."""
     check_ranges(args, ranges)
-    output_dir = check_output_dir(args.output_dir)
+    # the process that will write (global rank 0, as set by torchrun / accelerate launch) probes; the state of
+    # accelerate is not built yet, and building it here would fix its options before the recipe's Accelerator
+    output_dir = check_output_dir(args.output_dir, probe=int(os.environ.get("RANK", "0")) == 0)
     if getattr(args, "resume_from_checkpoint", None):
         return find_checkpoint(output_dir, args.resume_from_checkpoint)
     return None

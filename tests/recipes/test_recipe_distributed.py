@@ -33,7 +33,8 @@ if _watch and _log:
             writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
                 mode is None and isinstance(flags, int) and bool(flags & _write_flags))
         elif event in ("os.mkdir", "os.rename", "os.replace", "os.remove", "shutil.copyfile"):
-            path, writes = args[1] if event == "shutil.copyfile" else args[0], True
+            # a copy or a rename writes its destination
+            path, writes = args[1] if event in ("shutil.copyfile", "os.rename", "os.replace") else args[0], True
         else:
             return
         if not writes or isinstance(path, int):
@@ -75,13 +76,16 @@ def torchrun(script: str, args: list[str], tmp_path: Path, out: Path) -> tuple[d
 
 @pytest.mark.slow
 def test_hta_recipe_with_two_processes(tmp_path):
-    out = tmp_path / "out"
+    # watched: the output folder's parent, where the adapter is written into a sibling folder and swapped in
+    watched = tmp_path / "run"
+    watched.mkdir()
+    out = watched / "out"
     writes, output = torchrun("recipes/finetune_vit.py", [
         "--model", "vit_tiny_patch16_224", "--random_init", "--model_kwargs",
         '{"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 2, "in_chans": 1}',
         "--dataset", "mnist_5k", "--method", "hta", "--max_train_steps", "4", "--batch_size", "8",
         "--max_eval_samples", "32", "--adapter_dropout", "0.1", "--quiet", "--output_dir", str(out),
-    ], tmp_path, out)
+    ], tmp_path, watched)
     metrics = json.loads((out / "metrics.json").read_text())
     dist = metrics["distributed"]
     assert dist["num_processes"] == 2 and dist["model_wrapper"] == "DistributedDataParallel", dist
