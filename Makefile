@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data main test test-fast conformance benchmarks
+.PHONY: setup data main test test-fast conformance benchmarks learning-curves
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,3 +38,6 @@ benchmarks: setup
 	$(PY) benchmarks/bench_unitary_rnn.py
 	$(PY) benchmarks/bench_cayley.py
 	$(PY) benchmarks/bench_projunn.py
+
+learning-curves: setup  # copy memory T = 1000: full uRNN, restricted uRNN and LSTM, ~22k parameters each (hours on 2 cores)
+	$(PY) benchmarks/unitary_learning_curves.py --tasks copy --seeds 0 1 2

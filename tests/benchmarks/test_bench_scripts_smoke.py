@@ -30,18 +30,41 @@ def test_bench_cayley_and_projunn(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_unitary_rnn_and_learning_curves(tmp_path):
+def test_bench_unitary_rnn(tmp_path):
     run_script("bench_unitary_rnn.py", "--steps", "8", "--repeats", "1", "--cayley-sizes", "16", "--threads", "1",
                "--no-reference-loops", "--out", str(tmp_path))
     rnn = json.loads((tmp_path / "bench_unitary_rnn_threads1.json").read_text())
     assert rnn["sequence_length"] == 28 and len(rnn["models"]) >= 3
     assert all(r["best_ms"] > 0 for r in rnn["models"])
-    run_script("projunn_learning_curves.py", "--adding-steps", "4", "--copy-steps", "3", "--adding-length", "10",
-               "--adding-hidden", "6", "--copy-delay", "5", "--copy-hidden", "6", "--eval-size", "8", "--jobs", "2",
+    assert (tmp_path / "bench_unitary_rnn_threads1.png").exists()
+
+
+@pytest.mark.slow
+def test_unitary_learning_curves(tmp_path):
+    # every task, model and method in one process; two seeds, so the spread and the merge are exercised
+    run_script("unitary_learning_curves.py", "--tasks", "copy", "adding", "pmnist", "--methods", "cayley", "projunn_t",
+               "--hidden", "full=6", "restricted=6", "lstm=5", "--seeds", "0", "1", "--copy-steps", "3",
+               "--adding-steps", "4", "--pmnist-steps", "2", "--copy-delay", "5", "--adding-length", "10",
+               "--batch-size", "4", "--train-size", "16", "--eval-size", "8", "--jobs", "2",
                "--out", str(tmp_path / "curves"))
     curves = json.loads((tmp_path / "curves.json").read_text())
-    for task, steps in (("adding", 4), ("copy", 3)):
+    assert curves["complete"] and curves["seeds"] == [0, 1]
+    for task, steps in (("copy", 3), ("adding", 4), ("pmnist", 2)):
         runs = curves["results"][task]["runs"]
-        assert set(runs) == {"cayley", "projunn_t", "projunn_d"}
-        assert all(len(run["train_loss"]) == steps and run["unitarity_error"] < 1e-4 for run in runs.values())
-    assert (tmp_path / "bench_unitary_rnn_threads1.png").exists() and (tmp_path / "curves.png").exists()
+        assert set(runs) == {"full-cayley", "full-projunn_t", "restricted", "lstm"}
+        assert runs["lstm"]["hidden_size"] == 5 and runs["full-cayley"]["parameters"]["degrees_of_freedom"] > 0
+        for entry in runs.values():
+            assert set(entry["per_seed"]) == {"0", "1"} and entry["summary"]["eval_loss"]["n"] == 2
+            assert all(len(run["train_loss"]) == steps for run in entry["per_seed"].values())
+        assert all(run["unitarity_error"] < 1e-4 for run in runs["full-cayley"]["per_seed"].values())
+        assert ("eval_accuracy" in runs["lstm"]["summary"]) == (task != "adding")
+    assert (tmp_path / "curves.png").stat().st_size > 0 and not (tmp_path / "curves.partial").exists()
+    # pieces run separately combine into one file; the same run twice is refused
+    (tmp_path / "copy_only.json").write_text(json.dumps({**curves, "results": {"copy": curves["results"]["copy"]}}))
+    run_script("unitary_learning_curves.py", "--merge", str(tmp_path / "copy_only.json"), "--out", str(tmp_path / "merged"))
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert set(merged["results"]) == {"copy"} and merged["results"]["copy"]["runs"]["lstm"]["summary"]["seeds"] == [0, 1]
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "unitary_learning_curves.py"), "--merge",
+                           str(tmp_path / "copy_only.json"), str(tmp_path / "curves.json"), "--out", str(tmp_path / "m2")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "appears twice" in proc.stderr
