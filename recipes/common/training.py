@@ -183,7 +183,9 @@ def _fsync_tree(folder: Path) -> None:
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int) -> Path:
     """``accelerator.save_state`` into ``checkpoints/.tmp_step_N``, then (main process, after every process has
     written its part) rename it to ``checkpoints/step_N``. A kill at any moment leaves either no ``step_N`` or a
-    complete one; a leftover ``.tmp_step_N`` is removed by the next save of that step."""
+    complete one; a leftover ``.tmp_step_N`` is removed by the next save of that step. (``ProjectConfiguration(
+    automatic_checkpoint_naming=True)`` would write straight into ``checkpoint_<i>``, numbered by save rather than
+    by step, and refuse to save over the half-written folder a kill leaves; hence explicit folders here.)"""
     final = checkpoint_folder(output_dir, step)
     tmp = final.with_name(f"{_TMP_PREFIX}{step}")
     if accelerator.is_main_process and tmp.exists():
