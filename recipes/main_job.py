@@ -14,10 +14,11 @@ No ViT weights install offline, so the job makes its own backbone:
 3. print a table: test and validation accuracy as mean ± sample std over the seeds, trainable parameters,
    training time per run.
 
-Every run uses ``--threads`` (default 2) intra-op threads: CPU kernels sum in an order that depends on
-the thread count, so the figures are bit-reproducible for a given count, and differ in the last bits
-(then, after a few hundred steps, in the second digit of the accuracy) for another; the spread over
-seeds says how much of a difference between methods is noise.
+Every run uses ``--threads`` (default 2) intra-op threads. The CPU kernels sum in an order that depends
+on the thread count (the pre-training's large matrix products are split across threads) and on the
+instruction set the CPU offers (AVX-512 or AVX2 kernels), so the figures repeat bit for bit for a given
+thread count on the same kind of CPU, and elsewhere differ in the last bits, which a few hundred steps
+carry into the accuracy; the spread over seeds says how much of a difference between methods is noise.
 
     python recipes/main_job.py                        # offline, a few minutes on 2 CPU cores
     python recipes/main_job.py --model google/vit-base-patch16-224-in21k --dataset beans --image_size 224
@@ -200,8 +201,8 @@ def main(argv=None) -> list[dict]:
                             "pretrain_lr": POSITIVE, "max_eval_samples": POSITIVE_INT})
         check_output_dir(out)
         torch.set_num_threads(args.threads)
-        print(f"threads: {torch.get_num_threads()} (torch.set_num_threads; every figure is reproducible bit for bit "
-              f"with the same thread count), seeds: {', '.join(map(str, seeds))}", flush=True)
+        print(f"threads: {torch.get_num_threads()} (torch.set_num_threads: the figures repeat bit for bit with the "
+              f"same thread count on the same kind of CPU), seeds: {', '.join(map(str, seeds))}", flush=True)
         if args.model is None:
             model, pre = pretrained_backbone(args)
             if pre is not None:
