@@ -309,9 +309,11 @@ def table(results: dict) -> str:
             half = " / ".join("never" if v is None else str(v) for v in s["steps_to_half_baseline"])
             cay = " / ".join("never" if v is None else str(v) for v in reach) if "full-cayley" in r["runs"] else "-"
             div = f" ({s['diverged']} diverged)" if s["diverged"] else ""
+            done = sorted({run["steps_done"] for run in runs if run.get("unfinished")})
+            steps = f"{r['steps']}" + (f" (unfinished: {'/'.join(map(str, done))})" if done else "")
             lines.append(
                 f"| {task_name} | {key} | {entry['hidden_size']} | {entry['parameters']['degrees_of_freedom']:,} / "
-                f"{entry['parameters']['stored']:,} | {len(runs)}{div} | {r['steps']} | {_fmt(s['eval_loss'])} | {acc} | "
+                f"{entry['parameters']['stored']:,} | {len(runs)}{div} | {steps} | {_fmt(s['eval_loss'])} | {acc} | "
                 f"{_fmt(s['final_train_loss'])} | {runs[0]['baseline_loss']:.4g} | {half} | {cay} | "
                 f"{s['seconds_per_step']['mean']:.3f} |")
     return "\n".join(lines)
@@ -401,36 +403,64 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side in worker processes (one per core)")
     parser.add_argument("--out", default=str(RESULTS / "unitary_learning_curves"), help="path without suffix")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                        help="train nothing: combine the runs of these results files (pieces run separately) into --out")
+                        help="train nothing: combine these results files (pieces run separately) into --out; a run "
+                             "in flight (OUT.partial/*.json) is added as unfinished, sized by this invocation's flags")
     return parser
 
 
-def merge(paths: list[str]) -> tuple[dict, list[dict]]:
-    """The runs of several results files combined: ``(results, settings of each file)``. A (task, run, seed)
-    present twice, or one task run for different numbers of steps, is an error naming the files."""
+def unfinished_run(path: str, payload: dict, args: argparse.Namespace) -> tuple[str, str, str, dict, dict]:
+    """A run in flight (``OUT.partial/*.json``) as ``(task, key, seed, entry, run)``: its training curve so far,
+    no held-out figures (``unfinished``). Its model size, steps and task settings are this invocation's flags,
+    which must be those it was started with."""
+    task_name, key, seed = payload["run"].split("/")
+    model_name, _, method = key.partition("-")
+    task, _, kind = build_task(task_name, args)
+    hidden = parse_hidden(args.hidden, [task_name])[task_name][model_name]
+    entry = {"model": model_name, "method": method or None, "hidden_size": hidden,
+             "parameters": parameter_counts(build_model(model_name, hidden, task, kind)), "per_seed": {}}
+    run = {"train_loss": payload["train_loss"], "steps_done": payload["steps_done"], "diverged_at": None,
+           "seconds": payload["seconds"], "seconds_per_step": payload["seconds"] / payload["steps_done"],
+           "baseline_loss": task.baseline_loss, "eval_loss": math.nan, "unfinished": True, "from": Path(path).name}
+    return task_name, key, seed.removeprefix("seed"), entry, run
+
+
+def merge(paths: list[str], args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """The runs of several results files (and of runs in flight, ``OUT.partial/*.json``) combined:
+    ``(results, settings of each file)``. A (task, run, seed) present twice, or one task run for different
+    numbers of steps, is an error naming the files."""
     results: dict[str, dict] = {}
     settings = []
+
+    def add(task_name: str, steps: int, title: str, key: str, entry: dict, seed: str, run: dict, path: str) -> None:
+        merged = results.setdefault(task_name, {"steps": steps, "title": title, "runs": {}})
+        if merged["steps"] != steps or merged["title"] != title:
+            raise SystemExit(f"--merge: {path} ran {task_name} as {title!r} for {steps} steps, an earlier "
+                             f"file as {merged['title']!r} for {merged['steps']} steps")
+        target = merged["runs"].setdefault(key, {**entry, "per_seed": {}})
+        if seed in target["per_seed"]:
+            raise SystemExit(f"--merge: {task_name}/{key} seed {seed} appears twice (again in {path})")
+        target["per_seed"][seed] = run
+
     for path in paths:
         payload = json.loads(Path(path).read_text())
+        if "run" in payload:  # a run in flight
+            task_name, key, seed, entry, run = unfinished_run(path, payload, args)
+            settings.append({"unfinished_run": payload["run"], "file": Path(path).name})
+            steps = args.steps or getattr(args, f"{task_name}_steps")
+            add(task_name, steps, task_title(task_name, args), key, entry, seed, run, path)
+            continue
         settings.append(payload["settings"])
         for task_name, r in payload["results"].items():
-            merged = results.setdefault(task_name, {"steps": r["steps"], "title": r["title"], "runs": {}})
-            if merged["steps"] != r["steps"] or merged["title"] != r["title"]:
-                raise SystemExit(f"--merge: {path} ran {task_name} as {r['title']!r} for {r['steps']} steps, an earlier "
-                                 f"file as {merged['title']!r} for {merged['steps']} steps")
             for key, entry in r["runs"].items():
-                target = merged["runs"].setdefault(key, {**entry, "per_seed": {}})
                 for seed, run in entry["per_seed"].items():
-                    if seed in target["per_seed"]:
-                        raise SystemExit(f"--merge: {task_name}/{key} seed {seed} appears twice (again in {path})")
-                    target["per_seed"][seed] = run
+                    add(task_name, r["steps"], r["title"], key, entry, seed, run, path)
     return results, settings
 
 
 def main() -> None:
     args = build_parser().parse_args()
     if args.merge:
-        results, settings = merge(args.merge)
+        results, settings = merge(args.merge, args)
         for r in results.values():
             summarize(r)
         text = table(results)

@@ -59,12 +59,15 @@ def test_unitary_learning_curves(tmp_path):
         assert all(run["unitarity_error"] < 1e-4 for run in runs["full-cayley"]["per_seed"].values())
         assert ("eval_accuracy" in runs["lstm"]["summary"]) == (task != "adding")
     assert (tmp_path / "curves.png").stat().st_size > 0 and not (tmp_path / "curves.partial").exists()
-    # pieces run separately combine into one file; the same run twice is refused
+    # pieces run separately combine into one file, a run in flight (its partial curve) as unfinished
     (tmp_path / "copy_only.json").write_text(json.dumps({**curves, "results": {"copy": curves["results"]["copy"]}}))
-    run_script("unitary_learning_curves.py", "--merge", str(tmp_path / "copy_only.json"), "--out", str(tmp_path / "merged"))
+    in_flight = {"run": "copy/lstm/seed2", "steps_done": 2, "train_loss": [2.2, 2.1], "seconds": 0.5}
+    (tmp_path / "copy_lstm_seed2.json").write_text(json.dumps(in_flight))
+    run_script("unitary_learning_curves.py", "--merge", str(tmp_path / "copy_only.json"), str(tmp_path / "copy_lstm_seed2.json"),
+               "--hidden", "lstm=5", "--copy-steps", "3", "--copy-delay", "5", "--batch-size", "4",
+               "--out", str(tmp_path / "merged"))
     merged = json.loads((tmp_path / "merged.json").read_text())
-    assert set(merged["results"]) == {"copy"} and merged["results"]["copy"]["runs"]["lstm"]["summary"]["seeds"] == [0, 1]
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "unitary_learning_curves.py"), "--merge",
-                           str(tmp_path / "copy_only.json"), str(tmp_path / "curves.json"), "--out", str(tmp_path / "m2")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "appears twice" in proc.stderr
+    lstm = merged["results"]["copy"]["runs"]["lstm"]
+    assert set(merged["results"]) == {"copy"} and lstm["summary"]["seeds"] == [0, 1, 2]
+    assert lstm["per_seed"]["2"]["unfinished"] and lstm["summary"]["eval_loss"]["n"] == 2
+    assert "| copy | lstm | 5 |" in merged["table_markdown"] and "| 3 (unfinished: 2) |" in merged["table_markdown"]
