@@ -120,7 +120,7 @@ def _base_model_lines(base_model: str | None, family: str | None, model_class: t
 def usage_snippet(adapter_id: str, base_lines: list[str]) -> str:
     """Python that loads the adapter; its first line is ``import hh_peft`` (PEFT must know the method first)."""
     return "\n".join([
-        "import hh_peft  # registers the HTA method with PEFT: import it before loading the adapter",
+        "import hh_peft  # registers HTA with PEFT (an installed hh-peft also does it when peft is imported)",
         "from peft import PeftModel",
         *base_lines,
         f'model = PeftModel.from_pretrained(base, "{adapter_id}")',

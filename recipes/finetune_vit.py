@@ -35,6 +35,7 @@ from recipes.common import RecipeError
 from recipes.common.data import BUILTIN_DATASETS, ImageCollator, load_image_dataset, loader_view
 from recipes.common.metrics import load_accuracy
 from recipes.common.training import (
+    add_output_arguments,
     FRACTION,
     NON_NEGATIVE,
     NON_NEGATIVE_INT,
@@ -100,14 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads per process (CPU)")
     g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="outputs/finetune_vit")
-    g.add_argument("--checkpointing_steps", type=int, default=None, help="save the training state every N steps")
-    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoints/step_N folder, or 'latest'")
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", default=None)
+    add_output_arguments(g, "outputs/finetune_vit")
     g.add_argument("--hub_private", action="store_true")
-    g.add_argument("--no_plot", action="store_true")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from recipes.common import RecipeError
 from recipes.common.training import (
+    add_output_arguments,
     POSITIVE,
     POSITIVE_INT,
     Range,
@@ -70,13 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_every", type=int, default=None, help="default: 10 evaluations per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--output_dir", default="outputs/unitary_rnn")
-    p.add_argument("--checkpointing_steps", type=int, default=None, help="save the training state every N steps")
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoints/step_N folder, or 'latest'")
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
-    p.add_argument("--no_plot", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    add_output_arguments(p, "outputs/unitary_rnn")
     return p
 
 

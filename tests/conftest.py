@@ -97,3 +97,29 @@ def fake_hub(monkeypatch):
     monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: fake.create_commit(api, repo_id, operations, **kw))
     monkeypatch.setattr("huggingface_hub.repocard.hf_hub_download", fake.download_card)
     return fake
+
+
+@pytest.fixture
+def build_distribution(tmp_path):
+    """``build(kind)`` builds this project's ``"wheel"`` or ``"editable"`` wheel from a copy of the source (so the
+    build writes nothing into the checkout) with setuptools' PEP 517 backend, and returns the wheel's path."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def build(kind: str = "wheel") -> Path:
+        source = tmp_path / f"source-{kind}"
+        source.mkdir()
+        for name in ("pyproject.toml", "setup.py", "README.md", "_hh_peft_autoload.py"):
+            shutil.copy2(repo / name, source / name)
+        for package in ("hh_peft", "unitary_rnn"):
+            shutil.copytree(repo / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+        code = f"from setuptools import build_meta; print(build_meta.build_{kind}({str(tmp_path / 'dist')!r}))"
+        result = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return tmp_path / "dist" / result.stdout.strip().splitlines()[-1]
+
+    return build

@@ -3,7 +3,6 @@ same cards as this checkout."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -39,17 +38,8 @@ def _render(pythonpath: str | None) -> dict:
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_templates_and_renders_the_same_cards(tmp_path):
-    source = tmp_path / "source"  # a copy, so the build writes nothing into the checkout
-    source.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md", "_hh_peft_autoload.py"):
-        if (REPO / name).exists():
-            shutil.copy2(REPO / name, source / name)
-    for package in ("hh_peft", "unitary_rnn"):
-        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=300, capture_output=True)
-    (wheel,) = (tmp_path / "dist").glob("hh_peft-*.whl")
+def test_wheel_ships_the_templates_and_renders_the_same_cards(tmp_path, build_distribution):
+    wheel = build_distribution("wheel")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         assert set(TEMPLATES) <= names, sorted(n for n in names if not n.endswith(".py"))

@@ -78,6 +78,18 @@ NON_NEGATIVE = Range(low=0)
 FRACTION = Range(low=0, high=1, high_open=True)  # [0, 1)
 
 
+def add_output_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, default_output_dir: str) -> None:
+    """The flags every recipe shares for where results go: output folder, checkpoints, resume, Hub push, plot,
+    progress."""
+    parser.add_argument("--output_dir", default=default_output_dir)
+    parser.add_argument("--checkpointing_steps", type=int, default=None, help="save the training state every N steps")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoints/step_N folder, or 'latest'")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--no_plot", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def check_ranges(args: argparse.Namespace, ranges: Mapping[str, Range]) -> None:
     """Raise `RecipeError` naming the first flag of ``ranges`` whose value (when not None) lies outside its range,
     e.g. ``--batch_size must be an integer >= 1, got 0``."""

@@ -163,27 +163,17 @@ def test_install_is_idempotent():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", ["build_wheel", "build_editable"])
-def test_regular_and_editable_wheels_carry_the_pth(tmp_path, build):
+@pytest.mark.parametrize("build", ["wheel", "editable"])
+def test_regular_and_editable_wheels_carry_the_pth(build_distribution, build):
     """setup.py's build_py writes the .pth into both wheels (`pip install hh-peft` and `pip install -e .`), at the
     wheel's top level, i.e. into site-packages."""
-    import shutil
     import zipfile
 
     repo = Path(__file__).resolve().parents[2]
-    source = tmp_path / "source"  # a copy, so the build writes nothing into the checkout
-    source.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md", "_hh_peft_autoload.py"):
-        shutil.copy2(repo / name, source / name)
-    for package in ("hh_peft", "unitary_rnn"):
-        shutil.copytree(repo / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
-    code = f"from setuptools import build_meta; print(build_meta.{build}({str(tmp_path / 'dist')!r}))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    wheel = tmp_path / "dist" / result.stdout.strip().splitlines()[-1]
+    wheel = build_distribution(build)
     with zipfile.ZipFile(wheel) as archive:
         assert archive.read("hh_peft_autoload.pth") == b"import _hh_peft_autoload\n"
-        if build == "build_wheel":
+        if build == "wheel":
             assert archive.read("_hh_peft_autoload.py") == (repo / "_hh_peft_autoload.py").read_bytes()
         else:  # the editable finder maps the module to the checkout
             finder = next(name for name in archive.namelist() if name.endswith("_finder.py"))

@@ -42,7 +42,7 @@ def test_hta_run_writes_adapter_metrics_and_curves(tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "HTA" and config["modules_to_save"] == ["head"]
     assert sorted(config["target_modules"]) == sorted(TARGET_PRESETS["timm"]["attn_mlp"])
-    assert "hta" in (out / "README.md").read_text()  # the HTA card (hh_peft.hub)
+    assert "hta" in (out / "README.md").read_text()  # the HTA card (hh_peft.card)
 
 
 def test_lora_and_linear_parameter_counts(tmp_path):
