@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data main test test-fast conformance benchmarks learning-curves
+.PHONY: setup data main test test-fast conformance benchmarks accuracy learning-curves
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ benchmarks: setup
 	$(PY) benchmarks/bench_unitary_rnn.py
 	$(PY) benchmarks/bench_cayley.py
 	$(PY) benchmarks/bench_projunn.py
+
+accuracy: setup  # HTA vs linear / full / LoRA r=1,8 / HRA r=8 on EfficientNet-Lite0 -> Fashion-MNIST, 3 seeds x 3 lrs (hours on 2 cores)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[benchmarks]'
+	$(PY) benchmarks/bench_adapter_accuracy.py
 
 learning-curves: setup  # copy memory T = 1000: full uRNN, restricted uRNN and LSTM, ~22k parameters each (hours on 2 cores)
 	$(PY) benchmarks/unitary_learning_curves.py --tasks copy --seeds 0 1 2

@@ -71,3 +71,24 @@ def test_unitary_learning_curves(tmp_path):
     assert set(merged["results"]) == {"copy"} and lstm["summary"]["seeds"] == [0, 1, 2]
     assert lstm["per_seed"]["2"]["unfinished"] and lstm["summary"]["eval_loss"]["n"] == 2
     assert "| copy | lstm | 5 |" in merged["table_markdown"] and "| 3 (unfinished: 2) |" in merged["table_markdown"]
+
+
+@pytest.mark.slow
+def test_bench_adapter_accuracy_chooses_lr_on_validation_and_resumes(tmp_path):
+    """Tiny settings, two methods, two learning rates, two seeds: every run lands in the JSON, test accuracy is read
+    only at the learning rate chosen on validation, and a second invocation finds nothing left to run."""
+    out = tmp_path / "acc"
+    args = ("--methods", "lora_r8,hta_r1", "--seeds", "0,1", "--lrs", "1e-3,1e-2", "--max-steps", "2", "--train", "20",
+            "--val", "10", "--max-test", "32", "--image-size", "32", "--jobs", "1", "--out", str(out))
+    run_script("bench_adapter_accuracy.py", *args)
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert len(result["runs"]) == 2 * 2 * 2
+    for row in result["summary"]:
+        mine = [r for r in result["runs"] if r["method"] == row["method"]]
+        val_mean = {lr: sum(r["val_accuracy"] or 0.0 for r in mine if r["lr"] == lr) / 2 for lr in (1e-3, 1e-2)}
+        assert row["lr"] == max(val_mean, key=val_mean.get)
+        assert all((r["test_accuracy"] is not None) == (r["lr"] == row["lr"] and not r["diverged"]) for r in mine)
+    assert "HTA lora_rank=1 vs LoRA r=8" in result["verdict"] and "not both measured" not in result["verdict"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    run_script("bench_adapter_accuracy.py", *args)  # resumable: nothing is run twice
+    assert len(json.loads(out.with_suffix(".json").read_text())["runs"]) == 8
