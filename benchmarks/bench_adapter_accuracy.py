@@ -289,6 +289,7 @@ def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> list[di
             "val_mean": statistics.fmean(r["val_accuracy"] or 0.0 for r in chosen),
             "test_mean": statistics.fmean(tests) if tests else None,
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "test_seeds": len(tests),
             "trainable_params": chosen[0]["trainable_params"],
             "ms_per_step": statistics.median(r["ms_per_step"] for r in mine),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
@@ -306,7 +307,7 @@ def format_table(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        test = "-" if r["test_mean"] is None else f"{100 * r['test_mean']:.2f} ± {100 * r['test_std']:.2f} % (n={r['seeds']})"
+        test = "-" if r["test_mean"] is None else f"{100 * r['test_mean']:.2f} ± {100 * r['test_std']:.2f} % (n={r['test_seeds']})"
         ratio = f"{r['ms_per_step'] / base['ms_per_step']:.2f}x" if base else "-"
         lines.append(
             f"| {r['label']} | {r['lr']:g} | {test} | {100 * r['val_mean']:.2f} % | {r['trainable_params']:,} "
