@@ -369,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="worker processes at a time (one method each)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_adapter_accuracy"))
     p.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
+    p.add_argument("--report", action="store_true", help="run nothing: rewrite the table, JSON and plot from the results file")
     p.add_argument("--quick", action="store_true", help="smoke run: linear and HTA, 1 seed, 1 lr, 3 steps, 64 test images")
     return p
 
@@ -416,7 +417,7 @@ def main(argv=None) -> list[dict]:
         best = choose_lr(mine, args.seeds)
         return args.test and any(r["lr"] == best and r["test_accuracy"] is None and not r["diverged"] for r in mine)
 
-    pending = [m for m in methods if unfinished(m)]
+    pending = [] if args.report else [m for m in methods if unfinished(m)]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     workers: dict[str, mp.Process] = {}
