@@ -26,24 +26,6 @@ def tiny_hf_vit(**kwargs):
     return ViTForImageClassification(config).eval()
 
 
-def module_snapshot(model):
-    return (
-        [(n, type(m)) for n, m in model.named_modules()],
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(n, p.requires_grad) for n, p in model.named_parameters()],
-    )
-
-
-def assert_unchanged(model, snapshot):
-    modules, state, grads = snapshot
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for key in state:
-        assert torch.equal(now[key], state[key]), key
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
-
-
 def test_identity_at_init_timm_vit_tiny():
     torch.manual_seed(0)
     base = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
@@ -138,32 +120,32 @@ def test_save_load_roundtrip_in_a_fresh_process(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_adapter_for_a_different_base_model_is_refused_and_model_left_unchanged(tmp_path):
+def test_adapter_for_a_different_base_model_is_refused_and_model_left_unchanged(tmp_path, model_state):
     torch.manual_seed(0)
     get_peft_model(tiny_hf_vit(), HouseholderConfig(init_weights=False)).save_pretrained(tmp_path)
     other = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
                                                 num_attention_heads=4, intermediate_size=96, num_labels=5))
-    snapshot = module_snapshot(other)
+    before = model_state(other)
     with pytest.raises(ValueError, match=r"different base model: vit\.layers\.0\.attention\.\w_proj\.hta_\w+\.default has shape \(.*48.*\) in the checkpoint but \(.*64.*\) in this model") as error:
         PeftModel.from_pretrained(other, tmp_path)
     assert "The model was left as it was before this call." in error.value.__notes__
-    assert_unchanged(other, snapshot)
+    before.assert_unchanged(other)
 
 
-def test_target_modules_matching_nothing_lists_patterns_and_real_names():
+def test_target_modules_matching_nothing_lists_patterns_and_real_names(model_state):
     base = tiny_hf_vit()
-    snapshot = module_snapshot(base)
+    before = model_state(base)
     with pytest.raises(ValueError, match=r"\['attn.qkv', 'nope'\] match no module of ViTForImageClassification; adaptable modules include .*q_proj"):
         get_peft_model(base, HouseholderConfig(target_modules=["attn.qkv", "nope"]))
-    assert_unchanged(base, snapshot)
+    before.assert_unchanged(base)
 
 
-def test_unsupported_layer_type_names_module_type_and_supported_types():
+def test_unsupported_layer_type_names_module_type_and_supported_types(model_state):
     base = tiny_hf_vit()
-    snapshot = module_snapshot(base)
+    before = model_state(base)
     with pytest.raises(TypeError, match=r"'vit.layernorm' of type torch.nn.modules.normalization.LayerNorm .*supported layer types: torch.nn.modules.linear.Linear, .*Conv1D, .*Conv2d"):
         get_peft_model(base, HouseholderConfig(target_modules=["q_proj", "layernorm"]))
-    assert_unchanged(base, snapshot)
+    before.assert_unchanged(base)
 
 
 @pytest.mark.parametrize(
@@ -224,12 +206,12 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(use_reentrant):
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-10, atol=1e-12)
 
 
-def test_modules_to_save_matching_nothing_lists_real_module_names():
+def test_modules_to_save_matching_nothing_lists_real_module_names(model_state):
     base = tiny_hf_vit()
-    snapshot = module_snapshot(base)
+    before = model_state(base)
     with pytest.raises(ValueError, match=r"`modules_to_save` entry \['clasifier'\] match no module of ViTForImageClassification; .*'vit', 'classifier'"):
         get_peft_model(base, HouseholderConfig(modules_to_save=["classifier", "clasifier"]))
-    assert_unchanged(base, snapshot)
+    before.assert_unchanged(base)
 
 
 def test_modules_to_save_added_by_peft_for_a_task_type_need_not_all_exist():
@@ -272,14 +254,14 @@ def test_safe_merge_adapter_is_all_or_nothing_and_names_the_layer():
     assert not any(m.merged for m in model.modules() if isinstance(m, hh_peft.HouseholderLayer))
 
 
-def test_safe_merge_and_unload_is_all_or_nothing_and_names_the_layer():
+def test_safe_merge_and_unload_is_all_or_nothing_and_names_the_layer(model_state):
     torch.manual_seed(0)
     model = get_peft_model(tiny_hf_vit(), HouseholderConfig(init_weights=False))
     broken = _break_one_late_layer(model)
-    before = module_snapshot(model)
+    before = model_state(model)
     with pytest.raises(ValueError, match=rf"safe_merge refused layer '{broken}'"):
         model.merge_and_unload(safe_merge=True)
-    assert_unchanged(model, before)  # still adapted, nothing merged, nothing unloaded
+    before.assert_unchanged(model)  # still adapted, nothing merged, nothing unloaded
 
 
 def test_merge_adapter_unmerges_what_it_merged_when_a_layer_fails():

@@ -62,26 +62,6 @@ def output(model):
         return model(X)
 
 
-def snapshot(model):
-    return (
-        [(n, type(m)) for n, m in model.named_modules()],
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(n, p.requires_grad) for n, p in model.named_parameters()],
-        output(model),
-    )
-
-
-def assert_unchanged(model, before):
-    modules, state, grads, y = before
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for key in state:
-        assert torch.equal(now[key], state[key]), key
-    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == grads
-    assert torch.equal(output(model), y)
-
-
 def siblings(folder):
     return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.hta-"))
 
@@ -293,26 +273,26 @@ BROKEN_FOLDERS = {
 
 
 @pytest.mark.parametrize("breakage", list(BROKEN_FOLDERS))
-def test_from_pretrained_of_a_broken_folder_names_the_problem_and_leaves_the_model_as_it_was(saved, breakage):
+def test_from_pretrained_of_a_broken_folder_names_the_problem_and_leaves_the_model_as_it_was(saved, breakage, model_state):
     folder, _ = saved
     damage, message = BROKEN_FOLDERS[breakage]
     damage(folder)
     base = make_base()
-    before = snapshot(base)
+    before = model_state(base, X)
     with pytest.raises(ValueError, match=message):
         PeftModel.from_pretrained(base, folder)
-    assert_unchanged(base, before)
+    before.assert_unchanged(base)
     assert not hasattr(base, "peft_config")
 
 
-def test_from_pretrained_onto_another_base_model_leaves_it_as_it_was(saved):
+def test_from_pretrained_onto_another_base_model_leaves_it_as_it_was(saved, model_state):
     folder, _ = saved
     other = make_base(width=20)
-    before = snapshot(other)
+    before = model_state(other, X)
     with pytest.raises(ValueError, match=r"different base model: lin0\.hta_\w+\.default has shape") as error:
         PeftModel.from_pretrained(other, folder)
     assert "The model was left as it was before this call." in error.value.__notes__
-    assert_unchanged(other, before)
+    before.assert_unchanged(other)
 
 
 def _adapter_state(model):
@@ -325,7 +305,7 @@ def _adapter_state(model):
 
 
 @pytest.mark.parametrize("breakage", ["truncated weights", "lora_rank edited to 0", "wrong peft_type", "target_modules edited", "other base model"])
-def test_load_adapter_failure_leaves_the_existing_adapters_intact(tmp_path, saved, breakage):
+def test_load_adapter_failure_leaves_the_existing_adapters_intact(tmp_path, saved, breakage, model_state):
     folder, _ = saved
     if breakage == "other base model":
         folder = tmp_path / "other-base"
@@ -333,12 +313,12 @@ def test_load_adapter_failure_leaves_the_existing_adapters_intact(tmp_path, save
     else:
         BROKEN_FOLDERS[breakage][0](folder)
     model = adapted(make_base(), seed=5).train()
-    before = snapshot(model)
+    before = model_state(model, X)
     adapters_before = (dict(model.peft_config), model.active_adapters, _adapter_state(model))
     with pytest.raises(ValueError):
         model.load_adapter(folder, adapter_name="other")
     model.eval()
-    assert_unchanged(model, before)
+    before.assert_unchanged(model)
     assert (dict(model.peft_config), model.active_adapters, _adapter_state(model)) == adapters_before
 
 
@@ -373,19 +353,19 @@ def test_a_mount_point_folder_gets_its_files_replaced_one_by_one(saved, monkeypa
 
 
 @pytest.mark.parametrize("entry", ["from_pretrained", "load_adapter"])
-def test_a_config_targeting_layers_the_file_has_no_tensors_for_is_refused(tmp_path, entry):
+def test_a_config_targeting_layers_the_file_has_no_tensors_for_is_refused(tmp_path, entry, model_state):
     """PEFT only warns about missing adapter keys and keeps those layers' fresh (here random) initialisation."""
     folder = tmp_path / "lin0-only"
     adapted(make_base(), target_modules=["lin0"]).save_pretrained(folder)
     _edit_config(target_modules=["lin0", "lin1"])(folder)
     model = make_base() if entry == "from_pretrained" else adapted(make_base(), seed=5)
-    before = snapshot(model)
+    before = model_state(model, X)
     with pytest.raises(ValueError, match=r"no saved tensors for 1 layer\(s\) its config targets, e.g. 'lin1' .*hta_"):
         if entry == "from_pretrained":
             PeftModel.from_pretrained(model, folder)
         else:
             model.load_adapter(folder, adapter_name="other")
-    assert_unchanged(model, before)
+    before.assert_unchanged(model)
 
 
 def test_a_save_with_is_main_process_false_writes_nothing(tmp_path):
