@@ -39,6 +39,7 @@ Guarantees of :class:`UnitaryOptimizer`
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any, Callable, Iterable
@@ -396,11 +397,9 @@ def _validate_group(group: dict[str, Any], index: int) -> None:
 # construction from a model
 # ----------------------------------------------------------------------------------------------------
 
-_OPTIMIZER_KEYS = (
-    "lr", "unitary_lr", "method", "rank", "sampling", "rmsprop_unitary", "unitary_alpha", "unitary_eps",
-    "base_optimizer", "alpha", "betas", "eps", "momentum", "weight_decay", "reproject_every",
-    "reproject_tol", "drift_probes", "unitary_lr_follows_schedule",
-)
+# the keywords UnitaryOptimizer takes besides ``params``: its signature is the one list (and holds the defaults)
+_OPTIMIZER_KEYS = tuple(name for name in inspect.signature(UnitaryOptimizer.__init__).parameters
+                        if name not in ("self", "params"))
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -415,39 +414,21 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return manifold, euclidean
 
 
-def create_optimizer(
-    model: nn.Module,
-    method: str = "cayley",
-    lr: float = 1e-3,
-    unitary_lr: float = 1e-4,
-    base_optimizer: str = "rmsprop",
-    rank: int = 1,
-    sampling: str = "lsi",
-    rmsprop_unitary: bool = False,
-    weight_decay: float = 0.0,
-    reproject_tol: float | str | None = "auto",
-    reproject_every: int | None = None,
-    **kwargs: Any,
-) -> UnitaryOptimizer:
+def create_optimizer(model: nn.Module, method: str = "cayley", *, weight_decay: float = 0.0, **kwargs: Any) -> UnitaryOptimizer:
     """A :class:`UnitaryOptimizer` for ``model``: its manifold parameters in the first group, all others in
-    the second.
+    the second. Every keyword and its default is :class:`UnitaryOptimizer`'s; the ones used most:
 
     Args:
         method: the manifold step on W: ``"cayley"`` (multiplicative Cayley step, O(N^3)), ``"projunn_d"`` or
             ``"projunn_t"`` (rank-``rank`` projUNN, O(rank N^2)).
-        lr: learning rate of every Euclidean parameter.
-        unitary_lr: learning rate of the manifold step.
-        base_optimizer: ``"rmsprop"``, ``"adam"`` or ``"adamw"``, for the Euclidean parameters.
-        rank: projUNN's rank k.
-        sampling: projUNN's low-rank approximation of the gradient: ``"lsi"`` (random projection), ``"column"``
-            (norm-weighted columns) or ``"exact"`` (SVD, O(N^3), for tests).
-        rmsprop_unitary: divide W's gradient by an RMSprop accumulator before the manifold step.
         weight_decay: for the Euclidean group only (never for W).
-        reproject_tol: re-project W onto the manifold when its estimated drift exceeds this; ``"auto"``: a
-            quarter of ``unitary_rnn.manifold.manifold_tolerance``; ``None``: never.
-        reproject_every: also re-project every this many steps (``None``: no fixed schedule).
-        **kwargs: any other :class:`UnitaryOptimizer` keyword (``betas``, ``eps``, ``alpha``, ``momentum``,
-            ``unitary_alpha``, ``unitary_eps``, ``drift_probes``, ``unitary_lr_follows_schedule``).
+        **kwargs: ``lr`` (the Euclidean parameters' learning rate), ``unitary_lr`` (the manifold step's),
+            ``base_optimizer`` (``"rmsprop"``, ``"adam"`` or ``"adamw"``, for the Euclidean parameters), ``rank``
+            (projUNN's k), ``sampling`` (projUNN's low-rank approximation of the gradient: ``"lsi"``, ``"column"``
+            or ``"exact"``), ``rmsprop_unitary``, ``reproject_tol`` (re-project W when its estimated drift
+            exceeds this; ``"auto"``: a quarter of ``unitary_rnn.manifold.manifold_tolerance``; ``None``:
+            never), ``reproject_every``, and ``betas``, ``eps``, ``alpha``, ``momentum``, ``unitary_alpha``,
+            ``unitary_eps``, ``drift_probes``, ``unitary_lr_follows_schedule``.
     """
     unknown = sorted(set(kwargs) - set(_OPTIMIZER_KEYS))
     if unknown:
@@ -460,8 +441,4 @@ def create_optimizer(
         groups.append({"params": manifold, "weight_decay": 0.0})
     if euclidean:
         groups.append({"params": euclidean, "weight_decay": weight_decay})
-    return UnitaryOptimizer(
-        groups, lr=lr, unitary_lr=unitary_lr, method=method, rank=rank, sampling=sampling,
-        rmsprop_unitary=rmsprop_unitary, base_optimizer=base_optimizer, reproject_every=reproject_every,
-        reproject_tol=reproject_tol, **kwargs,
-    )
+    return UnitaryOptimizer(groups, method=method, **kwargs)
