@@ -251,6 +251,9 @@ def run_method(method: str, args, queue) -> None:
         best_lr = choose_lr(mine, args.seeds)
         for r in mine:
             if r["lr"] == best_lr and r["seed"] in args.seeds and r["test_accuracy"] is None and not r["diverged"]:
+                if not _state_path(args, method, best_lr, r["seed"]).exists():
+                    # the trained parameters were deleted since the run: train it again (same seed, same result)
+                    train_one(method, best_lr, r["seed"], args, data)
                 queue.put({"kind": "test", "method": method, "lr": best_lr, "seed": r["seed"],
                            "test_accuracy": test_accuracy(method, best_lr, r["seed"], args, data)})
     queue.put(None)

@@ -284,6 +284,15 @@ def expm_low_rank_tangent(
     return _apply(W, Q, delta, out)
 
 
+def _low_rank_step(update, W, G, lr, rank, sampling, generator, out) -> torch.Tensor:
+    """``update(W, -lr a, b, out=out)`` with ``a b^H`` the rank-``rank`` approximation of the gradient G: the part
+    projUNN-D and projUNN-T share (they differ in ``update``)."""
+    lr = _check_step_arguments(W, G, lr)
+    with torch.no_grad():
+        a, b = low_rank_approximation(G, rank, sampling, generator=generator)  # N x k, N x k
+        return update(W.detach(), -lr * a, b, out=out)
+
+
 def projunn_direct_step(
     W: torch.Tensor,
     G: torch.Tensor,
@@ -298,10 +307,7 @@ def projunn_direct_step(
     W: N x N unitary (complex) or orthogonal (real); G: N x N, ``W.grad``. O(k N^2) (``sampling="exact"``: O(N^3)).
     Returns the new matrix (W is not modified), or writes it into ``out`` (which may be W: an in-place step).
     """
-    lr = _check_step_arguments(W, G, lr)
-    with torch.no_grad():
-        a, b = low_rank_approximation(G, rank, sampling, generator=generator)  # N x k, N x k
-        return polar_low_rank_update(W.detach(), -lr * a, b, out=out)
+    return _low_rank_step(polar_low_rank_update, W, G, lr, rank, sampling, generator, out)
 
 
 def projunn_tangent_step(
@@ -320,10 +326,7 @@ def projunn_tangent_step(
     O(k N^2) (``sampling="exact"``: O(N^3)). Returns the new matrix (W is not modified),
     or writes it into ``out`` (which may be W: an in-place step).
     """
-    lr = _check_step_arguments(W, G, lr)
-    with torch.no_grad():
-        a, b = low_rank_approximation(G, rank, sampling, generator=generator)  # N x k, N x k
-        return expm_low_rank_tangent(W.detach(), -lr * a, b, out=out)
+    return _low_rank_step(expm_low_rank_tangent, W, G, lr, rank, sampling, generator, out)
 
 
 __all__ = [
