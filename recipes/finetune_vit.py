@@ -35,6 +35,7 @@ from recipes.common import RecipeError
 from recipes.common.data import BUILTIN_DATASETS, ImageCollator, load_image_dataset, loader_view
 from recipes.common.metrics import load_accuracy
 from recipes.common.training import (
+    exit_script,
     add_output_arguments,
     FRACTION,
     NON_NEGATIVE,
@@ -280,3 +281,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_script()

@@ -33,6 +33,7 @@ from torch import nn
 
 from recipes.common import RecipeError
 from recipes.common.training import (
+    exit_script,
     add_output_arguments,
     POSITIVE,
     POSITIVE_INT,
@@ -316,3 +317,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_script()

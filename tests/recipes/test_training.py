@@ -1,6 +1,10 @@
 """recipes/common/training.py: the shared loop, its checkpoints and the argument checks, on a tiny model."""
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +132,29 @@ def test_check_ranges_names_the_flag_and_the_valid_range():
     args.batch_size, args.lr = 4, float("nan")
     with pytest.raises(RecipeError, match=r"--lr must be a number > 0, got nan"):
         check_ranges(args, {"lr": POSITIVE, "batch_size": POSITIVE_INT, "warmup_ratio": FRACTION})
+
+
+EXIT_SCRIPT = """
+import atexit, logging, sys
+from recipes.common.training import exit_script
+atexit.register(lambda: print("finalized", flush=True))
+logging.basicConfig(stream=sys.stderr)
+logging.getLogger("recipe").warning("logged")
+print("written", end="")  # no newline, no flush: exit_script must flush it
+exit_script()
+print(" returned")
+"""
+
+
+@pytest.mark.parametrize("world_size, expected_out", [(None, "written returned\nfinalized\n"), ("2", "written")])
+def test_exit_script_skips_finalization_only_in_a_multi_process_run(tmp_path, world_size, expected_out):
+    """A multi-process recipe leaves with os._exit(0) once flushed (see exit_script); a single process returns."""
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    if world_size:
+        env["WORLD_SIZE"] = world_size
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected_out
+    assert "logged" in proc.stderr
