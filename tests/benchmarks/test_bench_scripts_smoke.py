@@ -92,3 +92,17 @@ def test_bench_adapter_accuracy_chooses_lr_on_validation_and_resumes(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     run_script("bench_adapter_accuracy.py", *args)  # resumable: nothing is run twice
     assert len(json.loads(out.with_suffix(".json").read_text())["runs"]) == 8
+
+
+@pytest.mark.slow
+def test_bench_adapter_accuracy_track_a_runs_on_the_vit_and_mnist(tmp_path):
+    """Track A's plumbing (the main job's ViT layout, MNIST 5k split, PEFT on attn_mlp) with a tiny random ViT."""
+    out = tmp_path / "track_a"
+    run_script("bench_adapter_accuracy.py", "--track", "a", "--quick", "--methods", "lora_r8,hta_r1", "--out", str(out))
+    result = json.loads((tmp_path / "track_a_quick.json").read_text())
+    assert result["settings"]["track"] == "a"
+    assert {r["method"] for r in result["runs"]} == {"lora_r8", "hta_r1"}
+    assert all(r["test_accuracy"] is not None for r in result["runs"])
+    hta = next(r for r in result["runs"] if r["method"] == "hta_r1")
+    lora = next(r for r in result["runs"] if r["method"] == "lora_r8")
+    assert hta["trainable_params"] < lora["trainable_params"]
