@@ -489,6 +489,8 @@ def main(argv=None) -> list[dict]:
         return args.test and any(r["lr"] == best and r["test_accuracy"] is None and not r["diverged"] for r in mine)
 
     pending = [] if args.report else [m for m in methods if unfinished(m)]
+    if pending and args.track == "a":
+        load_vit_backbone(args.quick)  # pre-train the backbone here, once, before the workers load it
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     workers: dict[str, mp.Process] = {}
