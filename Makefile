@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data main test test-fast conformance benchmarks accuracy learning-curves
+.PHONY: setup data main test test-fast conformance benchmarks benchmarks-speed accuracy learning-curves
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,15 +33,25 @@ test: setup
 test-fast: setup  # everything but the tests marked slow and the conformance suites
 	$(PY) -m pytest -n 2 -m "not slow and not conformance" tests
 
-benchmarks: setup
+benchmarks: benchmarks-speed accuracy learning-curves  # every figure of the README's Results section (about 10 hours on 2 cores)
+
+benchmarks-speed: setup  # step times and scaling: HTA vs LoRA / HRA / full, HTA's two paths, uRNN forward, Cayley, projUNN (about 30 minutes, quiet)
 	$(PY) benchmarks/bench_hta.py
+	$(PY) benchmarks/bench_hta_paths.py
 	$(PY) benchmarks/bench_unitary_rnn.py
 	$(PY) benchmarks/bench_cayley.py
 	$(PY) benchmarks/bench_projunn.py
 
-accuracy: setup  # HTA vs linear / full / LoRA r=1,8 / HRA r=8 on EfficientNet-Lite0 -> Fashion-MNIST, 3 seeds x 3 lrs (hours on 2 cores)
+accuracy: setup  # HTA vs linear / full / LoRA r=1,8 / HRA r=8, 3 seeds x 3 lrs: track B (EfficientNet-Lite0 -> Fashion-MNIST, 2 to 3 hours) and track A (main job's ViT -> MNIST, about 1.5 hours)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[benchmarks]'
 	$(PY) benchmarks/bench_adapter_accuracy.py
+	$(PY) benchmarks/bench_adapter_accuracy.py --track a
 
-learning-curves: setup  # copy memory T = 1000: full uRNN, restricted uRNN and LSTM, ~22k parameters each (hours on 2 cores)
-	$(PY) benchmarks/unitary_learning_curves.py --tasks copy --seeds 0 1 2
+LC := $(PY) benchmarks/unitary_learning_curves.py
+LC_OUT := benchmarks/results/unitary_learning_curves
+learning-curves: setup  # full vs restricted uRNN vs LSTM and Cayley vs projUNN on copy T=1000, adding T=100, pMNIST (short), 3 seeds (about 6 hours on 2 cores, most of it the restricted uRNN)
+	$(LC) --tasks copy --seeds 0 1 2 --out $(LC_OUT)_copy_T1000
+	$(LC) --tasks copy --models full --methods projunn_t projunn_d --rank 1 --seeds 0 1 2 --out $(LC_OUT)_copy_T1000_projunn_k1
+	$(LC) --tasks copy --models full --methods projunn_t projunn_d --rank 4 --seeds 0 1 2 --out $(LC_OUT)_copy_T1000_projunn_k4
+	$(LC) --tasks adding --adding-length 100 --batch-size 50 --adding-steps 10000 --models full lstm --seeds 0 1 2 --out $(LC_OUT)_adding_T100
+	$(LC) --tasks pmnist --dataset mnist_5k --pmnist-steps 500 --batch-size 50 --hidden full=64 restricted=64 lstm=32 --seeds 0 1 2 --out $(LC_OUT)_pmnist_mnist5k_short
