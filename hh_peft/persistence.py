@@ -20,8 +20,9 @@ adapters and ``selected_adapters`` behave exactly as in PEFT). Then:
    a mount point cannot be renamed: its files are replaced one by one, each atomically (with a warning);
 4. the old folder is removed.
 
-Any failure before step 3 (a full disk, a signal, an error in the card) removes the temporary folder and leaves the
-old adapter and its card as they were. Stale siblings of dead processes are removed by the next save.
+Any failure before step 3 (a full disk, an error in the card, a kill) removes the temporary folder (or leaves it for
+the next save to remove) and leaves the old adapter and its card as they were. SIGINT, SIGTERM and SIGHUP that
+arrive during a save are held until it has finished, then take effect (``KeyboardInterrupt`` for Ctrl-C). Stale siblings of dead processes are removed by the next save.
 
 The weights file also records ``hta_sha256`` in its safetensors metadata: a digest of every tensor (name, dtype,
 shape, bytes), checked on load, so a file whose bytes changed after saving is refused instead of loaded silently.
@@ -237,13 +238,12 @@ def _swap_into_place(new: str, target: str) -> Optional[str]:
     if exchange_paths(new, target):
         return new  # ``new`` now names the old folder
     old = _sibling(target, OLD_TAG)
-    with _signals_deferred():  # a Ctrl-C lands after both renames, never between them
-        os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
+    os.rename(target, old)  # (signals are held for the whole save: a Ctrl-C never lands between the two renames)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
     return old
 
 
@@ -271,22 +271,50 @@ def _remove_tree(path: str) -> None:
         raise
 
 
+DEFERRED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def _signals_deferred():
-    """Block SIGINT, SIGTERM and SIGHUP in this thread for the duration; a signal that arrives meanwhile is delivered
-    (and its Python handler run) on exit. A no-op where signal masks do not exist."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT, SIGTERM and SIGHUP for the duration: each one that arrives is recorded, and on exit the previous
+    handlers are put back and the signals raised again, in order of arrival (so Ctrl-C becomes ``KeyboardInterrupt``
+    there, and SIGTERM with the default handler still ends the process).
+
+    Python-level handlers, not a thread signal mask: Python runs signal handlers in the main thread whichever OS
+    thread the kernel picks, and a ``KeyboardInterrupt`` raised inside the save could otherwise be turned into a
+    ``ValueError`` by safetensors' Rust code or be swallowed by a ``__del__`` ("Exception ignored"), both seen here
+    under load. Outside the main thread (where handlers cannot be changed) and for a signal whose handler was not set
+    from Python, nothing is held."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    received: list[int] = []
+    previous = {}
+    for signum in DEFERRED_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is None or handler == signal.SIG_IGN:  # set outside Python, or ignored: left alone
+            continue
+        previous[signum] = handler
+        signal.signal(signum, lambda number, frame: received.append(number))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in received:
+            signal.raise_signal(signum)
 
 
 def atomic_save_pretrained(original, peft_model, save_directory, *args, **kwargs) -> None:
-    """PEFT's ``save_pretrained`` (``original``) into a temporary sibling folder, then swapped in whole."""
+    """PEFT's ``save_pretrained`` (``original``) into a temporary sibling folder, then swapped in whole. A Ctrl-C
+    (or SIGTERM, SIGHUP) during the save takes effect once it has finished (:func:`_signals_deferred`)."""
+    with _signals_deferred():
+        _atomic_save(original, peft_model, save_directory, *args, **kwargs)
+
+
+def _atomic_save(original, peft_model, save_directory, *args, **kwargs) -> None:
     if os.path.isfile(save_directory):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
     # Follow a symbolic link: the folder it points to is the one replaced.

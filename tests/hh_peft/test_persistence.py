@@ -371,3 +371,48 @@ def test_a_config_targeting_layers_the_file_has_no_tensors_for_is_refused(tmp_pa
 def test_a_save_with_is_main_process_false_writes_nothing(tmp_path):
     adapted(make_base()).save_pretrained(tmp_path / "adapter", is_main_process=False)
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists() and siblings(tmp_path / "adapter") == []
+
+
+SIGNAL_DURING_SAVE = """
+import os, signal, sys, threading
+import torch, safetensors.torch
+import hh_peft
+from peft import get_peft_model
+
+folder, signum = sys.argv[1], getattr(signal, sys.argv[2])
+torch.manual_seed(0)
+model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 6)),
+                       hh_peft.HouseholderConfig(target_modules=["0"], init_weights=False))
+write = safetensors.torch.save_file
+
+def write_after_a_signal(*args, **kwargs):
+    # the signal arrives in the middle of PEFT's save, sent from another thread (any thread may receive it)
+    sender = threading.Thread(target=os.kill, args=(os.getpid(), signum))
+    sender.start()
+    sender.join()
+    write(*args, **kwargs)
+    print("written", flush=True)
+
+safetensors.torch.save_file = write_after_a_signal
+try:
+    model.save_pretrained(folder)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    sys.exit(3)
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_save_takes_effect_once_the_save_has_finished(tmp_path, signame):
+    """Ctrl-C or SIGTERM mid-save: the save completes, then KeyboardInterrupt (SIGINT) or the default SIGTERM action,
+    never a half-written folder nor a KeyboardInterrupt turned into another error inside the save."""
+    folder = tmp_path / "adapter"
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_DURING_SAVE, str(folder), signame], capture_output=True,
+                          text=True, timeout=300)
+    if signame == "SIGINT":
+        assert proc.returncode == 3 and proc.stdout.splitlines()[-2:] == ["written", "KeyboardInterrupt"], proc
+    else:
+        assert proc.returncode == -signal.SIGTERM and proc.stdout.splitlines()[-1] == "written", proc
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary sibling left
+    assert hh_peft.persistence.check_adapter_folder(str(folder))
