@@ -380,6 +380,9 @@ import hh_peft
 from peft import get_peft_model
 
 folder, signum = sys.argv[1], getattr(signal, sys.argv[2])
+# the handlers of an interactive Python (a background command of a shell without job control inherits SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 torch.manual_seed(0)
 model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(6, 6)),
                        hh_peft.HouseholderConfig(target_modules=["0"], init_weights=False))

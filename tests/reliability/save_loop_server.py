@@ -18,6 +18,7 @@ The models are built here the way :func:`build_models` does, so the test can reb
 import copy
 import os
 import random
+import signal
 import sys
 
 import torch
@@ -70,6 +71,10 @@ def say(line: str) -> None:
 
 def child(folder: str, models: dict, seed: int, mode: str, once: bool) -> None:
     import hh_peft.persistence
+
+    # Ctrl-C as an interactive Python has it: a shell without job control starts background commands (CI steps,
+    # ``cmd &``) with SIGINT ignored, and that is inherited down to here
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     hh_peft.persistence.use_rename_exchange = mode == "exchange"
     order = list(LABELS)
