@@ -34,6 +34,7 @@ there is not repeated (kill and restart at will); the table and ``.png`` are mad
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -94,17 +95,26 @@ def load_backbone():
     return model
 
 
+@functools.cache
+def vit_backbone_folder() -> Path:
+    """The main job's cached backbone folder for its default settings (pre-trained first when there is none); looked
+    up once per process, not once per run."""
+    from recipes.main_job import build_parser as main_job_parser, pretrained_backbone
+
+    folder, _ = pretrained_backbone(main_job_parser().parse_args(["--quiet"]))
+    return Path(folder)
+
+
 def load_vit_backbone(quick: bool):
     """Track A's backbone: the main job's pre-trained small ViT (``LoadedModel``), pre-trained first when its cache
     has none for the main job's default settings; ``quick``: a tiny randomly initialised ViT of the same layout."""
     from recipes.common.models import load_image_classifier
-    from recipes.main_job import BACKBONE, BACKBONE_KWARGS, build_parser as main_job_parser, pretrained_backbone
+    from recipes.main_job import BACKBONE, BACKBONE_KWARGS
 
     if quick:
         tiny = {**BACKBONE_KWARGS, "embed_dim": 24, "depth": 1, "num_heads": 2}
         return load_image_classifier(BACKBONE, 10, random_init=True, model_kwargs=tiny)
-    folder, _ = pretrained_backbone(main_job_parser().parse_args(["--quiet"]))
-    loaded = load_image_classifier(str(folder), 10)
+    loaded = load_image_classifier(str(vit_backbone_folder()), 10)
     spec = loaded.spec
     if (spec.channels, spec.height, spec.width, spec.mean, spec.std) != (1, 28, 28, (0.5,), (0.5,)):
         raise RuntimeError(f"the main job's backbone takes {spec}; load_mnist_data prepares 1x28x28, mean/std 0.5")
@@ -168,15 +178,22 @@ def build_model(method: str, seed: int, args):
     """The backbone of ``args.track`` with ``method`` applied; returns (model, trainable parameter count)."""
     import torch
 
+    from recipes.common.models import MethodOptions, apply_method, count_parameters
+
     torch.manual_seed(seed)
     _, kind, options = METHODS[method]
     if args.track == "a":
-        from recipes.common.models import MethodOptions, apply_method
-
         opts = MethodOptions(method=kind, target_preset="attn_mlp", lora_rank=options.get("lora_rank", 1),
                              lora_r=options.get("r", 8), hra_r=options.get("r", 8))
         model = apply_method(load_vit_backbone(args.quick), opts)
-        return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        model = adapt_efficientnet(kind, options)
+    return model, count_parameters(model)[0]
+
+
+def adapt_efficientnet(kind: str, options: dict):
+    """Track B: the EfficientNet-Lite0 backbone with method ``kind`` applied to ``TARGETS`` (a regex, which the
+    recipes' presets do not express), the classifier trained in full."""
     model = load_backbone()
     if kind == "full":
         model.requires_grad_(True)
@@ -196,8 +213,7 @@ def build_model(method: str, seed: int, args):
             config = hh_peft.HouseholderConfig(lora_rank=options["lora_rank"], target_modules=TARGETS,
                                                modules_to_save=["classifier"])
         model = get_peft_model(model, config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model, trainable
+    return model
 
 
 def _freeze_batchnorm(model) -> None:

@@ -53,6 +53,7 @@ import shutil
 import signal
 import struct
 import sys
+import threading
 import warnings
 from typing import Any, Optional
 
@@ -285,8 +286,6 @@ def _signals_deferred():
     ``ValueError`` by safetensors' Rust code or be swallowed by a ``__del__`` ("Exception ignored"), both seen here
     under load. Outside the main thread (where handlers cannot be changed) and for a signal whose handler was not set
     from Python, nothing is held."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
