@@ -13,7 +13,9 @@ Two tracks (``--track``); everything below holds for both unless said:
 * every method trains the same epochs with AdamW and a cosine schedule (10 % warm-up), batch 32; BatchNorm
   statistics stay frozen (eval mode) for every method, so the methods differ only in what they train;
 * the learning rate of each method is chosen on validation accuracy averaged over all seeds, from ``--lrs``;
-  test accuracy is read only at that learning rate (mean and spread over the seeds);
+  when the best one is the top of the grid, the grid goes on upward in half-decades (1e-2 -> 3e-2 -> 1e-1), at
+  most ``--extend-up`` more values, until the best is inside it (a best value at the edge says nothing about the
+  values beyond); test accuracy is read only at the chosen learning rate (mean and spread over the seeds);
 * adapters target the pointwise 1x1 convolutions and the head convolution
   (regex ``blocks\\.\\d+\\.\\d+\\.conv_pwl?|conv_head``); the classifier is trained in full (``modules_to_save``).
 * track ``a``, the paper's architecture: the small ViT the main job pre-trains on Fashion-MNIST
@@ -316,16 +318,19 @@ def run_method(method: str, args, queue) -> None:
     torch.set_num_threads(args.threads)
     data = load_data(args)
     mine = [r for r in args.previous_runs if r["method"] == method]
-    for lr in args.lrs[method]:
-        for seed in args.seeds:
-            if (method, lr, seed) in args.done:
-                continue
+    while True:  # the grid may grow upward once its runs are in (lr_grid)
+        grid = lr_grid(args.lrs[method], mine, args.seeds, args.extend_up)
+        todo = [(lr, seed) for lr in grid for seed in args.seeds if (method, lr, seed) not in args.done]
+        if not todo:
+            break
+        for lr, seed in todo:
             result = train_one(method, lr, seed, args, data)
             result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             mine.append(result)
+            args.done.add((method, lr, seed))
             queue.put(result)
     if args.test:
-        best_lr = choose_lr(mine, args.seeds)
+        best_lr = choose_lr(in_grid(mine, grid), args.seeds)
         for r in mine:
             if r["lr"] == best_lr and r["seed"] in args.seeds and r["test_accuracy"] is None and not r["diverged"]:
                 if not _state_path(args, method, best_lr, r["seed"]).exists():
@@ -339,6 +344,30 @@ def run_method(method: str, args, queue) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # the whole grid
 # ----------------------------------------------------------------------------------------------------------------
+def next_lr(lr: float) -> float:
+    """The next value above ``lr`` on the half-decade scale 1, 3, 10, 30, ...: 1e-2 -> 3e-2 -> 1e-1."""
+    mantissa = lr / 10 ** math.floor(math.log10(lr))
+    return float(f"{lr * (3 if mantissa < 2 else 10 / 3):.0e}")
+
+
+def lr_grid(base: list[float], runs: list[dict], seeds: list[int], extend_up: int) -> list[float]:
+    """A method's learning-rate grid: ``base``, then one more value above the top (`next_lr`) each time every seed has
+    run every value so far and the best mean validation accuracy (`choose_lr`) is at the top, ``extend_up`` values
+    at most. Decided on validation alone, so the extension never looks at test accuracy."""
+    grid = sorted(base)
+    for _ in range(extend_up):
+        done = {(r["lr"], r["seed"]) for r in runs}
+        if any((lr, seed) not in done for lr in grid for seed in seeds) or choose_lr(in_grid(runs, grid), seeds) != grid[-1]:
+            break
+        grid.append(next_lr(grid[-1]))
+    return grid
+
+
+def in_grid(runs: list[dict], grid: list[float]) -> list[dict]:
+    """The runs whose learning rate is in ``grid`` (a results file may hold runs of a wider or other grid)."""
+    return [r for r in runs if any(math.isclose(r["lr"], lr, rel_tol=1e-9) for lr in grid)]
+
+
 def choose_lr(runs: list[dict], seeds: list[int]) -> float:
     """The learning rate with the best validation accuracy averaged over ``seeds`` (a diverged run counts as 0),
     among the learning rates every seed has run; never looks at test accuracy."""
@@ -350,12 +379,14 @@ def choose_lr(runs: list[dict], seeds: list[int]) -> float:
     return max(complete, key=lambda lr: statistics.fmean(r["val_accuracy"] or 0.0 for r in complete[lr]))
 
 
-def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> list[dict]:
-    """Per method: the lr with the best mean validation accuracy over the seeds (a diverged run counts as 0), and
-    test accuracy mean / sample std over the seeds at that lr."""
+def summarise(runs: list[dict], methods: list[str], seeds: list[int], grids: dict[str, list[float]], extend_up: int) -> list[dict]:
+    """Per method: the lr of its grid (`lr_grid` from ``grids[method]``) with the best mean validation accuracy over
+    the seeds (a diverged run counts as 0), and test accuracy mean / sample std over the seeds at that lr."""
     rows = []
     for method in methods:
-        mine = [r for r in runs if r["method"] == method]
+        everything = [r for r in runs if r["method"] == method]
+        grid = lr_grid(grids[method], everything, seeds, extend_up)
+        mine = in_grid(everything, grid)
         if not mine:
             continue
         best_lr = choose_lr(mine, seeds)
@@ -365,6 +396,8 @@ def summarise(runs: list[dict], methods: list[str], seeds: list[int]) -> list[di
             "method": method,
             "label": METHODS[method][0],
             "lr": best_lr,
+            "lr_grid": [lr for lr in grid if any(r["lr"] == lr for r in mine)],
+            "lr_at_top_of_grid": best_lr == max(r["lr"] for r in mine),
             "seeds": len(chosen),
             "val_mean": statistics.fmean(r["val_accuracy"] or 0.0 for r in chosen),
             "test_mean": statistics.fmean(tests) if tests else None,
@@ -438,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="the learning-rate grid of every method but full fine-tuning")
     p.add_argument("--full-lrs", default=DEFAULT_LRS["full"])
+    p.add_argument("--extend-up", type=int, default=2,
+                   help="while a method's best validation lr is the top of its grid, add the next half-decade value "
+                        "above it, at most this many (0: the grid as given)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int, default=None, help="cap the steps per run (smoke runs)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -464,7 +500,7 @@ def main(argv=None) -> list[dict]:
     if args.quick:
         if args.methods == ",".join(METHODS):  # not chosen on the command line
             args.methods = "linear,hta_r1"
-        args.seeds, args.lrs, args.full_lrs = "0", "1e-2", "1e-3"
+        args.seeds, args.lrs, args.full_lrs, args.extend_up = "0", "1e-2", "1e-3", 0
         args.max_steps, args.max_test, args.train, args.val, args.image_size = 3, 64, 40, 20, 32
         args.out = args.out + "_quick"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -488,7 +524,7 @@ def main(argv=None) -> list[dict]:
     args.done = {(r["method"], r["lr"], r["seed"]) for r in runs}
 
     def save() -> list[dict]:
-        rows = summarise(runs, methods, args.seeds)
+        rows = summarise(runs, methods, args.seeds, args.lrs, args.extend_up)
         payload = {
             "benchmark": "bench_adapter_accuracy", "settings": settings, "targets": TARGETS,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
@@ -498,9 +534,10 @@ def main(argv=None) -> list[dict]:
         return rows
 
     def unfinished(m: str) -> bool:
-        mine = [r for r in runs if r["method"] == m]
-        if any((m, lr, s) not in args.done for lr in args.lrs[m] for s in args.seeds):
+        grid = lr_grid(args.lrs[m], [r for r in runs if r["method"] == m], args.seeds, args.extend_up)
+        if any((m, lr, s) not in args.done for lr in grid for s in args.seeds):
             return True
+        mine = in_grid([r for r in runs if r["method"] == m], grid)
         best = choose_lr(mine, args.seeds)
         return args.test and any(r["lr"] == best and r["test_accuracy"] is None and not r["diverged"] for r in mine)
 

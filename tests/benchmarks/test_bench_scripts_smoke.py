@@ -78,8 +78,8 @@ def test_bench_adapter_accuracy_chooses_lr_on_validation_and_resumes(tmp_path):
     """Tiny settings, two methods, two learning rates, two seeds: every run lands in the JSON, test accuracy is read
     only at the learning rate chosen on validation, and a second invocation finds nothing left to run."""
     out = tmp_path / "acc"
-    args = ("--methods", "lora_r8,hta_r1", "--seeds", "0,1", "--lrs", "1e-3,1e-2", "--max-steps", "2", "--train", "20",
-            "--val", "10", "--max-test", "32", "--image-size", "32", "--jobs", "1", "--out", str(out))
+    args = ("--methods", "lora_r8,hta_r1", "--seeds", "0,1", "--lrs", "1e-3,1e-2", "--extend-up", "0", "--max-steps", "2",
+            "--train", "20", "--val", "10", "--max-test", "32", "--image-size", "32", "--jobs", "1", "--out", str(out))
     run_script("bench_adapter_accuracy.py", *args)
     result = json.loads(out.with_suffix(".json").read_text())
     assert len(result["runs"]) == 2 * 2 * 2
