@@ -292,7 +292,9 @@ def train_one(method: str, lr: float, seed: int, args, data) -> dict:
 
 
 def _state_path(args, method: str, lr: float, seed: int) -> Path:
-    folder = Path(args.out).parent / "bench_adapter_accuracy_states"
+    """Where `train_one` keeps a run's trained tensors for `test_accuracy`: next to the results file and named after
+    it (``bench_adapter_accuracy_states/``, ``bench_adapter_accuracy_track_a_states/``), so the tracks never share one."""
+    folder = Path(args.out).parent / f"{Path(args.out).name}_states"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{method}_lr{lr:g}_seed{seed}.safetensors"
 

@@ -65,3 +65,12 @@ def test_the_summary_reads_only_the_grid_and_test_only_at_the_chosen_lr(bench):
     assert math.isclose(row["test_mean"], 0.8) and row["runs"] == 8
     [narrow] = bench.summarise(records, ["hta_r1"], seeds, {"hta_r1": [1e-3, 3e-3, 1e-2]}, extend_up=0)
     assert math.isclose(narrow["lr"], 1e-2) and narrow["test_mean"] is None and narrow["runs"] == 6
+
+
+def test_the_two_tracks_keep_their_trained_tensors_apart(bench, tmp_path):
+    """A run's trained tensors are read back for its test accuracy: track A's must never overwrite track B's."""
+    import argparse
+
+    track_a = bench._state_path(argparse.Namespace(out=str(tmp_path / "bench_adapter_accuracy_track_a")), "hta_r1", 1e-2, 0)
+    track_b = bench._state_path(argparse.Namespace(out=str(tmp_path / "bench_adapter_accuracy")), "hta_r1", 1e-2, 0)
+    assert track_a != track_b and track_a.parent.is_dir() and track_b.parent.is_dir()
