@@ -425,7 +425,7 @@ def format_table(rows: list[dict]) -> str:
         test = "-" if r["test_mean"] is None else f"{100 * r['test_mean']:.2f} ± {100 * r['test_std']:.2f} % (n={r['test_seeds']})"
         ratio = f"{r['ms_per_step'] / base['ms_per_step']:.2f}x" if base else "-"
         lines.append(
-            f"| {r['label']} | {r['lr']:g} | {test} | {100 * r['val_mean']:.2f} % | {r['trainable_params']:,} "
+            f"| {r['label']} | {r['lr']:g}{' (top)' if r.get('lr_at_top_of_grid') else ''} | {test} | {100 * r['val_mean']:.2f} % | {r['trainable_params']:,} "
             f"| {r['ms_per_step']:.0f} | {ratio} | {r['peak_rss_mib']:.0f} | {r['divergences']}/{r['runs']} |"
         )
     return "\n".join(lines)
