@@ -33,7 +33,7 @@ test: setup
 test-fast: setup  # everything but the tests marked slow and the conformance suites
 	$(PY) -m pytest -n 2 -m "not slow and not conformance" tests
 
-benchmarks: benchmarks-speed accuracy learning-curves  # every figure of the README's Results section (about 10 hours on 2 cores)
+benchmarks: benchmarks-speed accuracy learning-curves  # every figure of the README's Results section (about 12 hours on 2 cores)
 
 benchmarks-speed: setup  # step times and scaling: HTA vs LoRA / HRA / full, HTA's two paths, uRNN forward, Cayley, projUNN (about 30 minutes, quiet)
 	$(PY) benchmarks/bench_hta.py
@@ -42,14 +42,14 @@ benchmarks-speed: setup  # step times and scaling: HTA vs LoRA / HRA / full, HTA
 	$(PY) benchmarks/bench_cayley.py
 	$(PY) benchmarks/bench_projunn.py
 
-accuracy: setup  # HTA vs linear / full / LoRA r=1,8 / HRA r=8, 3 seeds x 3 lrs: track B (EfficientNet-Lite0 -> Fashion-MNIST, 2 to 3 hours) and track A (main job's ViT -> MNIST, about 1.5 hours)
+accuracy: setup  # HTA vs linear / full / LoRA r=1,8 / HRA r=8, 3 seeds x 3 lrs (extended upward where the best is the top): track B (EfficientNet-Lite0 -> Fashion-MNIST, about 3.5 hours) and track A (main job's ViT -> MNIST, about 2 hours)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[benchmarks]'
 	$(PY) benchmarks/bench_adapter_accuracy.py
 	$(PY) benchmarks/bench_adapter_accuracy.py --track a
 
 LC := $(PY) benchmarks/unitary_learning_curves.py
 LC_OUT := benchmarks/results/unitary_learning_curves
-learning-curves: setup  # full vs restricted uRNN vs LSTM and Cayley vs projUNN on copy T=1000, adding T=100, pMNIST (short), 3 seeds (about 6 hours on 2 cores, most of it the restricted uRNN)
+learning-curves: setup  # full vs restricted uRNN vs LSTM and Cayley vs projUNN on copy T=1000, adding T=100, permuted pixel MNIST and Fashion-MNIST (short), 3 seeds (about 7 hours on 2 cores, most of it the restricted uRNN)
 	$(LC) --tasks copy --seeds 0 1 2 --out $(LC_OUT)_copy_T1000
 	$(LC) --tasks copy --models full --methods projunn_t projunn_d --rank 1 --seeds 0 1 2 --out $(LC_OUT)_copy_T1000_projunn_k1
 	$(LC) --tasks copy --models full --methods projunn_t projunn_d --rank 4 --seeds 0 1 2 --out $(LC_OUT)_copy_T1000_projunn_k4
