@@ -497,14 +497,17 @@ def main() -> None:
             print(f"{task_name:6s} {run_key(model_name, method):18s} N={n:4d}  degrees of freedom {counts['degrees_of_freedom']:7,d}"
                   f"  stored {counts['stored']:7,d}", flush=True)
 
+    failed: list[dict] = []  # runs that raised: named in the results file, and the exit status is 1
+
     def write(final: bool) -> str:
         done = {t: {**r, "runs": {k: e for k, e in r["runs"].items() if e["per_seed"]}} for t, r in results.items()}
         done = {t: r for t, r in done.items() if r["runs"]}
         for r in done.values():
             summarize(r)
         text = table(done) if done else ""
-        payload = {"settings": vars(args), "seeds": seeds, "complete": final, "torch_threads_per_run": args.threads,
-                   "load_average_at_write": os.getloadavg(), "results": done, "table_markdown": text}
+        payload = {"settings": vars(args), "seeds": seeds, "complete": final and not failed, "failed_runs": failed,
+                   "torch_threads_per_run": args.threads, "load_average_at_write": os.getloadavg(), "results": done,
+                   "table_markdown": text}
         # the plot once at the end: every run adds to the JSON, which is what an interrupted benchmark leaves
         write_results(out, payload, plot(done) if done and final else None, indent=None)
         return text
@@ -518,7 +521,14 @@ def main() -> None:
             futures[pool.submit(train, t, m, meth, n, s, steps, args, partial)] = (t, run_key(m, meth), s)
         for future in concurrent.futures.as_completed(futures):
             t, key, s = futures[future]
-            run = results[t]["runs"][key]["per_seed"][str(s)] = future.result()
+            try:
+                result = future.result()
+            except Exception as error:  # one run's failure must not lose the runs still in flight
+                failed.append({"run": f"{t}/{key}/seed{s}", "error": f"{type(error).__name__}: {error}"})
+                tqdm.write(f"{t:6s} {key:18s} seed {s}: FAILED ({failed[-1]['error']})")
+                write(final=False)
+                continue
+            run = results[t]["runs"][key]["per_seed"][str(s)] = result
             extra = f"  accuracy {run['eval_accuracy']:.4f}" if "eval_accuracy" in run else ""
             tqdm.write(f"{t:6s} {key:18s} seed {s}: held-out {run['eval_loss']:.4g}{extra}  baseline "
                        f"{run['baseline_loss']:.4g}  {run['seconds']:.0f} s ({run['seconds_per_step']:.3f} s/step)"
@@ -527,6 +537,9 @@ def main() -> None:
     print("\n" + write(final=True))
     if not any(partial_dir.iterdir()):
         partial_dir.rmdir()
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed (the others are in {out.with_suffix('.json')}): "
+                         + "; ".join(f"{f['run']}: {f['error']}" for f in failed))
 
 
 if __name__ == "__main__":

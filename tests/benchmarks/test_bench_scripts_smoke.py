@@ -106,3 +106,20 @@ def test_bench_adapter_accuracy_track_a_runs_on_the_vit_and_mnist(tmp_path):
     hta = next(r for r in result["runs"] if r["method"] == "hta_r1")
     lora = next(r for r in result["runs"] if r["method"] == "lora_r8")
     assert hta["trainable_params"] < lora["trainable_params"]
+
+
+@pytest.mark.slow
+def test_unitary_learning_curves_keeps_the_other_runs_when_one_fails(tmp_path):
+    """A run that raises (here: pMNIST asked for more training images than the split has) is named in the results
+    file and the exit status, and the runs beside it are kept."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "unitary_learning_curves.py"), "--tasks", "copy", "pmnist", "--models", "lstm",
+         "--hidden", "lstm=5", "--seeds", "0", "--copy-steps", "3", "--pmnist-steps", "2", "--copy-delay", "5",
+         "--batch-size", "4", "--train-size", "1000000", "--eval-size", "8", "--jobs", "2", "--out", str(tmp_path / "curves")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 1 and "pmnist/lstm/seed0" in proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert not curves["complete"] and [f["run"] for f in curves["failed_runs"]] == ["pmnist/lstm/seed0"]
+    assert "exceeds the 4000 images" in curves["failed_runs"][0]["error"]
+    assert list(curves["results"]) == ["copy"] and curves["results"]["copy"]["runs"]["lstm"]["per_seed"]["0"]["steps_done"] == 3
