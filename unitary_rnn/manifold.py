@@ -104,9 +104,28 @@ def manifold_tolerance(n: int, dtype: torch.dtype) -> float:
 
 def project_to_unitary(W: torch.Tensor) -> torch.Tensor:
     """The closest unitary (orthogonal) matrix to ``W`` in Frobenius norm: the polar factor ``U V^H``
-    of ``W = U S V^H``."""
-    U, _, Vh = torch.linalg.svd(W)
-    return U @ Vh
+    of ``W = U S V^H``.
+
+    A nearly unitary ``W`` (the optimizer's re-projection, the only common use) has all its singular values
+    within about 1e-4 of 1, and LAPACK's divide-and-conquer SVD can fail to converge on such a cluster: it did on
+    a complex64 N = 128 matrix with one thread, 8,500 steps into an adding-task run. A failed SVD is retried in
+    double precision (cast back), which converges. ``W`` with NaN or inf entries raises ``ValueError`` (the SVD
+    would raise on NaN but return NaN for inf).
+    """
+    if not bool(torch.isfinite(torch.view_as_real(W) if W.is_complex() else W).all()):  # O(N^2) beside the O(N^3) SVD
+        raise ValueError(
+            f"project_to_unitary: the {tuple(W.shape)} matrix has NaN or inf entries; only a finite matrix has a "
+            "closest unitary one"
+        )
+    try:
+        U, _, Vh = torch.linalg.svd(W)
+        return U @ Vh
+    except torch.linalg.LinAlgError:
+        wide = torch.complex128 if W.is_complex() else torch.float64
+        if W.dtype == wide:
+            raise
+        U, _, Vh = torch.linalg.svd(W.to(wide))
+        return (U @ Vh).to(W.dtype)
 
 
 def check_on_manifold(W: torch.Tensor, what: str) -> None:

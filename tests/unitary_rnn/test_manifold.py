@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from unitary_rnn.manifold import (
     manifold_parameters,
     manifold_tolerance,
     mark_manifold,
+    project_to_unitary,
     unitarity_error,
 )
 from unitary_rnn.training.optim import UnitaryOptimizer, create_optimizer, split_parameters
@@ -259,3 +261,47 @@ def test_hand_tagged_parameters_are_found():
     model.W.grad = torch.randn(3, 3, dtype=torch.complex64)
     opt.step()
     assert unitarity_error(model.W.detach()) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ project_to_unitary
+NEAR_UNITARY_SVD_FAILURE = Path(__file__).parent / "data" / "near_unitary_svd_failure.safetensors"
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
+def test_project_to_unitary_gives_the_closest_unitary_matrix(dtype):
+    torch.manual_seed(0)
+    W = torch.randn(12, 12, dtype=dtype)
+    P = project_to_unitary(W)
+    assert unitarity_error(P) <= manifold_tolerance(12, dtype)
+    # the polar factor: W = P H with H = P^H W Hermitian positive definite
+    H = P.mH @ W
+    assert torch.allclose(H, H.mH, atol=1e-4 if dtype in (torch.float32, torch.complex64) else 1e-10)
+    assert bool((torch.linalg.eigvalsh(0.5 * (H + H.mH)) > 0).all())
+
+
+def test_project_to_unitary_survives_an_svd_that_does_not_converge(one_thread):
+    """A real W of the Cayley optimizer (complex64, N = 128, ||W^H W - I|| = 8.5e-5) on which LAPACK's SVD fails to
+    converge with one thread: it crashed a 10,000-step adding run at its periodic re-projection."""
+    W = torch.view_as_complex(load_file(str(NEAR_UNITARY_SVD_FAILURE))["W_real_imag"])
+    P = project_to_unitary(W)
+    assert P.dtype == torch.complex64
+    assert unitarity_error(P) <= manifold_tolerance(128, torch.float32)
+    U, _, Vh = torch.linalg.svd(W.to(torch.complex128))
+    assert torch.allclose(P.to(torch.complex128), U @ Vh, atol=1e-5)
+    assert (P - W).abs().max() < 1e-4  # W was nearly unitary: the projection barely moves it
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_project_to_unitary_names_a_non_finite_matrix(bad):
+    W = torch.eye(6, dtype=torch.complex64)
+    W[2, 3] = bad
+    with pytest.raises(ValueError, match=r"\(6, 6\) matrix has NaN or inf entries"):
+        project_to_unitary(W)
