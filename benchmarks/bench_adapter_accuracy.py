@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="the learning-rate grid of every method but full fine-tuning")
     p.add_argument("--full-lrs", default=DEFAULT_LRS["full"])
-    p.add_argument("--extend-up", type=int, default=2,
+    p.add_argument("--extend-up", type=int, default=3,
                    help="while a method's best validation lr is the top of its grid, add the next half-decade value "
                         "above it, at most this many (0: the grid as given)")
     p.add_argument("--epochs", type=int, default=10)
