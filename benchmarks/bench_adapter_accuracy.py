@@ -13,7 +13,7 @@ Two tracks (``--track``); everything below holds for both unless said:
 * every method trains the same epochs with AdamW and a cosine schedule (10 % warm-up), batch 32; BatchNorm
   statistics stay frozen (eval mode) for every method, so the methods differ only in what they train;
 * the learning rate of each method is chosen on validation accuracy averaged over all seeds, from ``--lrs``;
-  when the best one is the top of the grid, the grid goes on upward in half-decades (1e-2 -> 3e-2 -> 1e-1), at
+  when the best one is the top of the grid, the grid goes on upward in half-decades (1e-2 -> 3e-2 -> 1e-1 -> 3e-1), at
   most ``--extend-up`` more values, until the best is inside it (a best value at the edge says nothing about the
   values beyond); test accuracy is read only at the chosen learning rate (mean and spread over the seeds);
 * adapters target the pointwise 1x1 convolutions and the head convolution
