@@ -58,4 +58,5 @@ learning-curves: setup  # full vs restricted uRNN vs LSTM and Cayley vs projUNN 
 	$(LC) --tasks pmnist --dataset mnist_5k --pmnist-steps 500 --batch-size 50 --hidden full=64 --models full --methods projunn_t projunn_d --rank 1 --seeds 0 1 2 --out $(LC_OUT)_pmnist_mnist5k_short_projunn_k1
 	$(LC) --tasks pmnist --dataset mnist_5k --pmnist-steps 500 --batch-size 50 --hidden full=64 --models full --methods projunn_t projunn_d --rank 4 --seeds 0 1 2 --out $(LC_OUT)_pmnist_mnist5k_short_projunn_k4
 	$(LC) --tasks pmnist --dataset mnist_5k --pmnist-steps 500 --batch-size 50 --hidden full=64 --models full --methods projunn_t projunn_d --rank 4 --unitary-lr 3e-4 --seeds 0 1 2 --out $(LC_OUT)_pmnist_mnist5k_short_projunn_k4_ulr3e-4
+	$(LC) --tasks pmnist --dataset mnist_5k --pmnist-steps 500 --batch-size 50 --hidden full=64 --models full --methods cayley projunn_t projunn_d --rank 1 --unitary-lr 3e-4 --seeds 0 1 2 --out $(LC_OUT)_pmnist_mnist5k_short_k1_ulr3e-4
 	$(LC) --tasks pmnist --dataset fashion_mnist --pmnist-steps 500 --batch-size 50 --hidden full=64 restricted=64 lstm=32 --seeds 0 1 2 --out $(LC_OUT)_pmnist_fashion_short
