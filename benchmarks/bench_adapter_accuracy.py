@@ -366,8 +366,9 @@ def lr_grid(base: list[float], runs: list[dict], seeds: list[int], extend_up: in
 
 
 def in_grid(runs: list[dict], grid: list[float]) -> list[dict]:
-    """The runs whose learning rate is in ``grid`` (a results file may hold runs of a wider or other grid)."""
-    return [r for r in runs if any(math.isclose(r["lr"], lr, rel_tol=1e-9) for lr in grid)]
+    """The runs whose learning rate is in ``grid`` (a results file may hold runs of a wider or other grid). Exact
+    matches, as everywhere in this script: every lr is a float parsed from ``--lrs`` or made by `next_lr`."""
+    return [r for r in runs if r["lr"] in grid]
 
 
 def choose_lr(runs: list[dict], seeds: list[int]) -> float:
@@ -536,10 +537,11 @@ def main(argv=None) -> list[dict]:
         return rows
 
     def unfinished(m: str) -> bool:
-        grid = lr_grid(args.lrs[m], [r for r in runs if r["method"] == m], args.seeds, args.extend_up)
+        everything = [r for r in runs if r["method"] == m]
+        grid = lr_grid(args.lrs[m], everything, args.seeds, args.extend_up)
         if any((m, lr, s) not in args.done for lr in grid for s in args.seeds):
             return True
-        mine = in_grid([r for r in runs if r["method"] == m], grid)
+        mine = in_grid(everything, grid)
         best = choose_lr(mine, args.seeds)
         return args.test and any(r["lr"] == best and r["test_accuracy"] is None and not r["diverged"] for r in mine)
 

@@ -112,7 +112,7 @@ def project_to_unitary(W: torch.Tensor) -> torch.Tensor:
     double precision (cast back), which converges. ``W`` with NaN or inf entries raises ``ValueError`` (the SVD
     would raise on NaN but return NaN for inf).
     """
-    if not bool(torch.isfinite(torch.view_as_real(W) if W.is_complex() else W).all()):  # O(N^2) beside the O(N^3) SVD
+    if not bool(torch.isfinite(W).all()):  # O(N^2) beside the O(N^3) SVD; complex: both parts finite
         raise ValueError(
             f"project_to_unitary: the {tuple(W.shape)} matrix has NaN or inf entries; only a finite matrix has a "
             "closest unitary one"
