@@ -44,3 +44,28 @@ class ModelState:
 def model_state():
     """``before = model_state(model[, inputs])`` ... ``before.assert_unchanged(model)``."""
     return ModelState
+
+
+def assert_close_across_load_paths(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 32) -> None:
+    """Outputs of one adapter reached by two load paths that run the same operations on the same values, but on
+    buffers at other memory addresses.
+
+    transformers' ``load_adapter`` (and ``AutoModel...from_pretrained`` of an adapter folder) leaves the adapter's
+    tensors where safetensors put them, 4-byte aligned inside the file's buffer, while ``PeftModel.from_pretrained``
+    and ``get_peft_model`` copy them into 64-byte-aligned allocations. BLAS's vectorised dot product (``u @ u`` and
+    ``(d * u_out) @ u_in`` in ``hh_peft.functional.hta_scalars``) peels a different head off an unaligned vector, so
+    it adds the same products in another order: on random 48-vectors the float32 result differs in the last bit in
+    about 4 draws of 10. One such ulp per reduction, carried through a few layers and their LayerNorms, gave logits
+    3e-8 to 6e-8 apart (about one ulp of their largest value) on a fresh machine. The tolerance is ``ulps`` units in
+    the last place of the output's largest magnitude: 32 leaves room for deeper models and other vector widths,
+    and stays four orders of magnitude below what a wrong or missing adapter changes (1e-3 and up).
+    """
+    scale = expected.abs().max().item()
+    atol = ulps * torch.finfo(expected.dtype).eps * max(scale, torch.finfo(expected.dtype).tiny)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+
+
+@pytest.fixture
+def close_across_load_paths():
+    """`assert_close_across_load_paths`, as a fixture (tests in this folder do not import the conftest)."""
+    return assert_close_across_load_paths

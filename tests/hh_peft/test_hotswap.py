@@ -107,7 +107,7 @@ def test_unknown_adapter_name_and_lora_adapter_are_refused(tmp_path):
         hh_peft.hotswap_adapter(model, tmp_path / "lora", adapter_name="default", torch_device="cpu")
 
 
-def test_transformers_model_with_load_adapter_is_hot_swapped_too(tmp_path):
+def test_transformers_model_with_load_adapter_is_hot_swapped_too(tmp_path, close_across_load_paths):
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -125,4 +125,5 @@ def test_transformers_model_with_load_adapter_is_hot_swapped_too(tmp_path):
     reference = PeftModel.from_pretrained(ViTForImageClassification.from_pretrained(tmp_path / "base"), tmp_path / "second")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values=x).logits, reference.eval()(pixel_values=x).logits, rtol=0, atol=0)
+        # load_adapter's tensors sit in the file's buffer, PeftModel's are copied: another summation order
+        close_across_load_paths(model(pixel_values=x).logits, reference.eval()(pixel_values=x).logits)

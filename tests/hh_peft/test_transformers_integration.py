@@ -45,30 +45,31 @@ def logits(model, x):
         return model.eval()(pixel_values=x).logits
 
 
-def test_load_adapter_gives_the_peft_model_output(saved):
+def test_load_adapter_gives_the_peft_model_output(saved, close_across_load_paths):
     root, x, expected = saved
     model = ViTForImageClassification.from_pretrained(root / "base")
     model.load_adapter(str(root / "first"))
-    torch.testing.assert_close(logits(model, x), expected["first"], rtol=0, atol=0)
+    close_across_load_paths(logits(model, x), expected["first"])  # same operations, other buffer alignment
+    # PeftModel copies the loaded tensors into parameters allocated like the original ones: the same computation
     reference = PeftModel.from_pretrained(ViTForImageClassification.from_pretrained(root / "base"), root / "first")
     torch.testing.assert_close(logits(reference, x), expected["first"], rtol=0, atol=0)
 
 
-def test_auto_model_from_an_adapter_folder_loads_base_and_adapter(saved):
+def test_auto_model_from_an_adapter_folder_loads_base_and_adapter(saved, close_across_load_paths):
     root, x, expected = saved
     model = AutoModelForImageClassification.from_pretrained(root / "first")
-    torch.testing.assert_close(logits(model, x), expected["first"], rtol=0, atol=0)
+    close_across_load_paths(logits(model, x), expected["first"])
 
 
 @pytest.mark.skipif(not FULL_INTEGRATION, reason=f"transformers needs peft>={MIN_PEFT_VERSION}; see the test below")
-def test_full_adapter_api_with_hta(saved, tmp_path):
+def test_full_adapter_api_with_hta(saved, tmp_path, close_across_load_paths):
     root, x, expected = saved
     model = ViTForImageClassification.from_pretrained(root / "base")
     model.load_adapter(str(root / "first"), adapter_name="first")
     model.load_adapter(str(root / "second"), adapter_name="second")
     model.set_adapter("second")
     assert model.active_adapters() == ["second"]
-    torch.testing.assert_close(logits(model, x), expected["second"], rtol=0, atol=0)
+    close_across_load_paths(logits(model, x), expected["second"])
     model.disable_adapters()
     base = ViTForImageClassification.from_pretrained(root / "base")
     with torch.no_grad():
