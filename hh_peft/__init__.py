@@ -8,7 +8,7 @@ and every other PEFT entry point accept a `HouseholderConfig`.
 from peft.utils import register_peft_method
 
 from .config import HouseholderConfig
-from .card import adapter_card_for, install_card_hook, set_card_info
+from .card import adapter_card_for, set_card_info
 from .functional import (
     delta_weight,
     householder_apply,
@@ -21,7 +21,7 @@ from .functional import (
 from .hotswap import hotswap_adapter
 from .layer import Conv2d, HouseholderLayer, Linear
 from .model import HouseholderModel
-from .persistence import install_persistence_hooks
+from . import peft_patches
 from .registration import HTA_METHOD_NAME, HTA_PEFT_TYPE
 
 __all__ = [
@@ -44,9 +44,7 @@ __all__ = [
 ]
 
 register_peft_method(name=HTA_METHOD_NAME, config_cls=HouseholderConfig, model_cls=HouseholderModel)
-# save_pretrained and push_to_hub write the HTA card (library_name: peft) for models whose adapters are all HTA;
-# push_to_hub alone would replace any card with transformers' generic one (hh_peft/card.py).
-install_card_hook()
-# For HTA adapters, save_pretrained replaces the folder atomically and a failed from_pretrained / load_adapter leaves
-# the model as it was (hh_peft/persistence.py).
-install_persistence_hooks()
+# The five PeftModel methods hh_peft wraps, each for HTA models only (hh_peft/peft_patches.py): save_pretrained
+# replaces the folder atomically, from_pretrained / load_adapter check a folder first and leave the model as it was
+# when they fail, and save_pretrained / push_to_hub write the HTA card.
+peft_patches.install()

@@ -7,9 +7,9 @@ Two steps of PEFT and transformers write an adapter's ``README.md``:
   temporary folder, overwrites ``README.md`` there with a generic ``library_name: transformers`` card (or the
   repository's current card) carrying the push's ``tags``, then uploads the folder with ``_upload_modified_files``.
 
-:func:`install_card_hook` (``import hh_peft`` calls it) wraps these two methods of ``PeftModel``. For a model
-whose adapters are all HTA they first write the card of :func:`adapter_card_for`; for every other model they are
-PEFT's and transformers' own methods, called with the same arguments. The push itself stays transformers' (repo
+:mod:`hh_peft.peft_patches` wraps these two methods of ``PeftModel``. For a model whose adapters are all HTA
+they write the card of :func:`adapter_card_for` (:func:`write_card_on_save`, :func:`write_card_before_upload`); for
+every other model they are PEFT's and transformers' own methods, called with the same arguments. The push itself stays transformers' (repo
 creation, ``tags``, ``revision``, ``create_pr``, ...).
 
 What the model does not record (the dataset, the results, the base model of a timm backbone) is given with
@@ -22,7 +22,6 @@ What the model does not record (the dataset, the results, the base model of a ti
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import os
 from importlib import resources
@@ -30,7 +29,6 @@ from typing import Mapping
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .persistence import hta_only
 from .registration import HTA_PEFT_TYPE
 
 HTA_TAGS = ("hta", "householder", "peft")
@@ -222,7 +220,7 @@ def adapter_card_for(peft_model, repo_id: str | None = None) -> ModelCard:
 # ----------------------------------------------------------------------------------------------
 # The hook
 # ----------------------------------------------------------------------------------------------
-def _write_on_save(peft_model, output_dir: str) -> None:
+def write_card_on_save(peft_model, output_dir: str) -> None:
     """``save_pretrained``'s card: the HTA card, or, over a README.md someone else wrote there, that README's
     text with the HTA card's metadata (as PEFT does with its own card)."""
     path = os.path.join(output_dir, "README.md")
@@ -236,41 +234,10 @@ def _write_on_save(peft_model, output_dir: str) -> None:
     card.save(path)
 
 
-def _write_before_upload(peft_model, working_dir: str, repo_id: str) -> None:
+def write_card_before_upload(peft_model, working_dir: str, repo_id: str) -> None:
     """``push_to_hub``'s card: the HTA card for ``repo_id``, with the tags of the card transformers put there."""
     path = os.path.join(working_dir, "README.md")
     card = adapter_card_for(peft_model, repo_id)
     if os.path.exists(path):
         card.data.tags = list(dict.fromkeys([*card.data.tags, *(ModelCard.load(path).data.tags or [])]))
     card.save(path)
-
-
-def install_card_hook() -> None:
-    """Make ``PeftModel.save_pretrained`` and ``PeftModel.push_to_hub`` write the HTA card for HTA adapters.
-
-    Wraps ``PeftModel.create_or_update_model_card`` (PEFT's card step of ``save_pretrained``) and
-    ``PeftModel._upload_modified_files`` (the last step of transformers' ``push_to_hub``, after its generic
-    card is written). Idempotent; a model whose adapters are not all HTA runs the original methods only.
-    """
-    from peft import PeftModel
-
-    if getattr(PeftModel, "_hh_peft_card_hook", False):
-        return
-    original_card = PeftModel.create_or_update_model_card
-    original_upload = PeftModel._upload_modified_files
-
-    @functools.wraps(original_card)
-    def create_or_update_model_card(self, output_dir: str):
-        if not hta_only(self):
-            return original_card(self, output_dir)
-        _write_on_save(self, output_dir)
-
-    @functools.wraps(original_upload)
-    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        if hta_only(self):
-            _write_before_upload(self, working_dir, repo_id)
-        return original_upload(self, working_dir, repo_id, *args, **kwargs)
-
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-    PeftModel._upload_modified_files = _upload_modified_files
-    PeftModel._hh_peft_card_hook = True

@@ -26,10 +26,10 @@ from torch import nn
 
 from .config import HouseholderConfig
 from .layer import HouseholderLayer
+from .loading import SAVED_PREFIX
 
 # Config fields that change the output beyond what the saved tensors hold.
 CONFIG_FIELDS_TO_MATCH = ("householder", "eps", "dropout", "fan_in_fan_out")
-_SAVED_PREFIX = "base_model.model."
 
 
 def hotswap_adapter(
@@ -72,9 +72,9 @@ def hotswap_adapter_from_state_dict(
             "would subtract the new adapter's update); call `unmerge_adapter()` first"
         )
     wrappers = {name: module for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)}
-    if not any(name.startswith(_SAVED_PREFIX) for name in [*layers, *wrappers]):
+    if not any(name.startswith(SAVED_PREFIX) for name in [*layers, *wrappers]):
         # adapters injected into the model itself (transformers' `load_adapter`): no PeftModel prefix in module names
-        state_dict = {key.removeprefix(_SAVED_PREFIX): value for key, value in state_dict.items()}
+        state_dict = {key.removeprefix(SAVED_PREFIX): value for key, value in state_dict.items()}
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     covered: set[tuple[str, str]] = set()
     unexpected = []

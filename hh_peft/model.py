@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -16,6 +15,8 @@ from transformers.pytorch_utils import Conv1D
 from .combination import add_weighted_adapter
 from .config import HouseholderConfig
 from .layer import Conv2d, HouseholderLayer, Linear, unsupported_layer_message
+from .loading import check_state_dict_fits_model
+from .rollback import record_before_change
 
 # Default targets when `target_modules` is None, keyed by transformers `model_type` (transformers 5 names).
 TRANSFORMERS_MODELS_TO_HTA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
@@ -57,6 +58,7 @@ class HouseholderModel(BaseTuner):
         A failed validation leaves ``model`` exactly as it was: no module is replaced and no flag is changed.
         """
         config = self.peft_config[adapter_name]
+        record_before_change(model)  # inside PeftModel.from_pretrained: the model as it was, for a failed load
         if state_dict is None:
             self._validate_targets(model, config)
             _validate_modules_to_save(model, config)
@@ -65,39 +67,12 @@ class HouseholderModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """PEFT's key remapping, then a check of every entry against the model before anything is copied.
-
-        An adapter saved for a different base model (other layer widths, another number of classes in a saved head)
-        raises a ValueError that names the first mismatching tensor. An HTA tensor with no place in the model (a
-        ``hta_A`` / ``hta_B`` under ``lora_rank=0``, a layer the config does not target) raises instead of being
-        dropped. ``PeftModel.from_pretrained`` / ``load_adapter`` then put the model back as it was
-        (`hh_peft.persistence`).
-        """
+        """PEFT's key remapping, then a check of every entry against the model before anything is copied
+        (`hh_peft.loading.check_state_dict_fits_model`): an adapter saved for a different base model, or an HTA
+        tensor with no place under the config, raises a ValueError naming the first offender, and
+        ``PeftModel.from_pretrained`` / ``load_adapter`` put the model back as it was (`hh_peft.rollback`)."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        own = model.state_dict()
-        prefix = "base_model.model."
-        strip = not any(k.startswith(prefix) for k in own)
-        mismatches, unplaced = [], []
-        for key, value in remapped.items():
-            model_key = key.removeprefix(prefix) if strip else key
-            if model_key in own and own[model_key].shape != value.shape:
-                mismatches.append((model_key, tuple(value.shape), tuple(own[model_key].shape)))
-            elif model_key not in own and _SAVED_HTA_KEY.search(key):
-                unplaced.append(key.removeprefix(prefix))
-        if mismatches:
-            key, saved, here = mismatches[0]
-            raise ValueError(
-                f"The HTA adapter {adapter_name!r} was saved for a different base model: "
-                f"{key.removeprefix(prefix)} has shape {saved} in "
-                f"the checkpoint but {here} in this model ({len(mismatches)} mismatching tensor(s) in all). Load it "
-                "onto the base model it was trained on."
-            )
-        if unplaced:
-            raise ValueError(
-                f"The HTA adapter {adapter_name!r} has {len(unplaced)} saved tensor(s) with no place in the model under "
-                f"its config (lora_rank={config.lora_rank}, target_modules={_describe(config.target_modules)}), "
-                f"e.g. {unplaced[0]!r}: the config and the weights do not belong together."
-            )
+        check_state_dict_fits_model(model, config, adapter_name, remapped)
         return remapped
 
     def _validate_targets(self, model: nn.Module, config: HouseholderConfig) -> None:
@@ -254,8 +229,6 @@ class HouseholderModel(BaseTuner):
                 handle.remove()
 
 
-# A checkpoint key of an HTA tensor, before the adapter name is appended: "...<module>.hta_<name>".
-_SAVED_HTA_KEY = re.compile(r"\.hta_(u_in|u_out|d|A|B)$")
 # Entries PEFT itself adds to `modules_to_save` for these task types (whichever the model has).
 _TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 

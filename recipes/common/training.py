@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from hh_peft import atomic_folder
 
 from . import RecipeError
 from .progress import progress_bar
@@ -32,7 +33,6 @@ from .progress import progress_bar
 CHECKPOINTS = "checkpoints"
 _STEP_PREFIX = "step_"
 _TMP_PREFIX = ".tmp_step_"
-_OLD_PREFIX = ".old_step_"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,16 +183,6 @@ def find_checkpoint(output_dir: str | os.PathLike, where: str) -> Path:
     return folder
 
 
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of ``folder`` and the folder itself to disk (a rename is only as durable as its data)."""
-    for path in [*folder.rglob("*"), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int) -> Path:
     """``accelerator.save_state`` into ``checkpoints/.tmp_step_N``, then (main process, after every process has
     written its part) rename it to ``checkpoints/step_N``. A kill at any moment leaves either no ``step_N`` or a
@@ -206,22 +196,12 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int) -> Pa
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        if final.exists():  # a checkpoint of this step from an earlier run: swap, never delete before the rename
-            old = final.with_name(f"{_OLD_PREFIX}{step}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    if accelerator.is_main_process:  # flush, swap in one step (hh_peft.atomic_folder), flush the rename
+        atomic_folder.fsync_tree(str(tmp))
+        leftover = atomic_folder.swap_into_place(str(tmp), str(final), aside_tag=".old-")
+        atomic_folder.fsync_path(str(final.parent))
+        if leftover is not None:
+            atomic_folder.remove_tree(leftover)
     accelerator.wait_for_everyone()
     return final
 

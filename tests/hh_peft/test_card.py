@@ -70,11 +70,11 @@ def _run_usage(code: str, tmp_path, x: torch.Tensor, expected: torch.Tensor, *, 
 # ----------------------------------------------------------------------------------------------
 def test_import_hh_peft_installs_the_hook_once():
     code = (
-        "import hh_peft, hh_peft.card\n"
+        "import hh_peft, hh_peft.peft_patches\n"
         "from peft import PeftModel\n"
         "methods = PeftModel.create_or_update_model_card, PeftModel._upload_modified_files\n"
-        "hh_peft.card.install_card_hook()\n"
-        "assert PeftModel._hh_peft_card_hook\n"
+        "hh_peft.peft_patches.install()\n"
+        "assert PeftModel._hh_peft_patches\n"
         "assert (PeftModel.create_or_update_model_card, PeftModel._upload_modified_files) == methods\n"
         "assert methods[1].__wrapped__ is __import__('transformers').utils.PushToHubMixin._upload_modified_files\n"
     )

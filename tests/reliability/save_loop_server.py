@@ -70,13 +70,13 @@ def say(line: str) -> None:
 
 
 def child(folder: str, models: dict, seed: int, mode: str, once: bool) -> None:
-    import hh_peft.persistence
+    import hh_peft.atomic_folder
 
     # Ctrl-C as an interactive Python has it: a shell without job control starts background commands (CI steps,
     # ``cmd &``) with SIGINT ignored, and that is inherited down to here
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    hh_peft.persistence.use_rename_exchange = mode == "exchange"
+    hh_peft.atomic_folder.use_rename_exchange = mode == "exchange"
     order = list(LABELS)
     random.Random(seed).shuffle(order)
     try:

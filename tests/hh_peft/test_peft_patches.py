@@ -1,4 +1,5 @@
-"""Atomic save and all-or-nothing load of HTA adapters (hh_peft/persistence.py).
+"""Atomic save and all-or-nothing load of HTA adapters (hh_peft/peft_patches.py over hh_peft/atomic_folder.py,
+hh_peft/loading.py and hh_peft/rollback.py), and other PEFT methods left untouched by them.
 
 Saving: the folder is replaced whole (other files kept), a full disk or a failing card leaves the old adapter and its
 card, stale temporaries are cleaned, an interrupted fallback swap is repaired. Loading: every broken file is refused
@@ -26,7 +27,7 @@ from torch import nn
 
 import hh_peft
 from hh_peft import HouseholderConfig
-from hh_peft.persistence import DIGEST_KEY, tensors_digest
+from hh_peft.loading import DIGEST_KEY, tensors_digest
 
 
 class TinyNet(nn.Module):
@@ -205,7 +206,7 @@ def test_the_next_save_removes_stale_temporaries_of_dead_processes_only(saved):
 
 def test_fallback_swap_gives_the_same_folder(saved, monkeypatch):
     folder, _ = saved
-    monkeypatch.setattr(hh_peft.persistence, "use_rename_exchange", False)
+    monkeypatch.setattr(hh_peft.atomic_folder, "use_rename_exchange", False)
     model = adapted(make_base(), seed=2)
     model.save_pretrained(folder)
     assert siblings(folder) == []
@@ -262,7 +263,6 @@ BROKEN_FOLDERS = {
     "empty config": (lambda f: (f / "adapter_config.json").write_text(""), r"adapter_config\.json: the file is empty"),
     "invalid JSON config": (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "HTA",'), r"adapter_config\.json: the file is not valid JSON"),
     "missing peft_type": (_edit_config(peft_type=_DELETE), r'adapter_config\.json has no "peft_type"; the tensors in .*adapter_model\.safetensors are HTA'),
-    "wrong peft_type": (_edit_config(peft_type="LORA"), r"adapter_config\.json says peft_type 'LORA', but .*adapter_model\.safetensors holds HTA tensors"),
     "unknown peft_type": (_edit_config(peft_type="NOPE"), r"adapter_config\.json says peft_type 'NOPE'"),
     "lora_rank edited to 0": (_edit_config(lora_rank=0), r"adapter_config\.json says lora_rank 0, but .*adapter_model\.safetensors holds .*lin\d\.hta_A / hta_B, saved with lora_rank 1"),
     "lora_rank edited to 2": (_edit_config(lora_rank=2), r"adapter_config\.json says lora_rank 2, but in .*adapter_model\.safetensors .*lin\d\.hta_A has shape \(1, \d+\)"),
@@ -304,7 +304,7 @@ def _adapter_state(model):
     ]
 
 
-@pytest.mark.parametrize("breakage", ["truncated weights", "lora_rank edited to 0", "wrong peft_type", "target_modules edited", "other base model"])
+@pytest.mark.parametrize("breakage", ["truncated weights", "lora_rank edited to 0", "unknown peft_type", "target_modules edited", "other base model"])
 def test_load_adapter_failure_leaves_the_existing_adapters_intact(tmp_path, saved, breakage, model_state):
     folder, _ = saved
     if breakage == "other base model":
@@ -346,7 +346,7 @@ def test_a_mount_point_folder_gets_its_files_replaced_one_by_one(saved, monkeypa
     monkeypatch.setattr(os.path, "ismount", lambda path: os.fspath(path) == os.path.realpath(folder) or real_ismount(path))
     model = adapted(make_base(), seed=2)
     (folder / "notes.txt").write_text("mine")
-    with pytest.warns(UserWarning, match="is a mount point, so the adapter folder cannot be replaced in one step"):
+    with pytest.warns(UserWarning, match="is a mount point, so the folder cannot be replaced in one step"):
         model.save_pretrained(folder)
     assert (folder / "notes.txt").read_text() == "mine" and siblings(folder) == []
     assert torch.equal(output(PeftModel.from_pretrained(make_base(), folder)), output(model))
@@ -418,4 +418,85 @@ def test_a_signal_during_a_save_takes_effect_once_the_save_has_finished(tmp_path
     else:
         assert proc.returncode == -signal.SIGTERM and proc.stdout.splitlines()[-1] == "written", proc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary sibling left
-    assert hh_peft.persistence.check_adapter_folder(str(folder))
+    assert hh_peft.loading.check_adapter_folder(str(folder))
+
+
+# ------------------------------------------------------------------------------------------------ other methods
+_LORA_ROUND_TRIP = r"""
+import hashlib, json, os, sys
+import torch
+from torch import nn
+from peft import LoraConfig, PeftModel, get_peft_model
+
+mode, root = sys.argv[1], sys.argv[2]
+if mode == "imported":
+    import hh_peft  # noqa: F401
+
+def base():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+for name, seed in (("first", 1), ("second", 2)):
+    torch.manual_seed(seed)
+    get_peft_model(base(), LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)).save_pretrained(
+        os.path.join(root, name))
+
+entered = set()
+def profile(frame, event, arg):
+    if event == "call":
+        path = frame.f_code.co_filename
+        if "hh_peft" in path.split(os.sep)[-2:-1] or path.endswith("_hh_peft_autoload.py"):
+            entered.add(frame.f_code.co_qualname)
+
+x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+sys.setprofile(profile)
+model = PeftModel.from_pretrained(base(), os.path.join(root, "first"))
+model.load_adapter(os.path.join(root, "second"), adapter_name="second")
+model.set_adapter("second")
+with torch.no_grad():
+    y = model(x)
+model.save_pretrained(os.path.join(root, "saved"), selected_adapters=["default", "second"])
+sys.setprofile(None)
+
+files = {}
+for folder, _, names in os.walk(os.path.join(root, "saved")):
+    for name in names:
+        path = os.path.join(folder, name)
+        files[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+print(json.dumps({"hh_peft_imported": "hh_peft" in sys.modules, "entered": sorted(entered),
+                  "output": y.tolist(), "files": files}))
+"""
+
+# What a LoRA load, forward and save may run of hh_peft: the wrappers of hh_peft/peft_patches.py and the one read
+# of adapter_config.json that tells them the folder is not HTA. Nothing that copies, walks or checks a model.
+_TRIVIAL_FOR_OTHER_METHODS = {
+    "install.<locals>.from_pretrained", "install.<locals>.load_adapter", "install.<locals>.save_pretrained",
+    "install.<locals>.create_or_update_model_card", "_from_pretrained", "local_adapter_folder",
+    "check_adapter_folder", "read_config", "has_hta_adapter", "hta_only",
+    "has_hta_adapter.<locals>.<genexpr>", "hta_only.<locals>.<genexpr>",  # their any() / all() over peft_config
+}
+
+
+@pytest.mark.slow
+def test_a_lora_load_and_save_run_peft_code_only_with_or_without_the_start_up_hook(tmp_path):
+    """A LoRA user with hh-peft installed (the start-up hook imports it with peft, or they import it) gets the
+    outputs and the byte-identical saved folder of a process where hh_peft is never imported, and enters only the
+    trivial wrappers on the way."""
+    results = {}
+    for mode, autoload in (("never imported", "0"), ("start-up hook", "1"), ("imported", "0")):
+        root = tmp_path / mode.replace(" ", "-")
+        root.mkdir()
+        # one hash seed: PEFT writes target_modules, a set, in its iteration order
+        env = {**os.environ, "HH_PEFT_AUTOLOAD": autoload, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+        run = subprocess.run([sys.executable, "-c", _LORA_ROUND_TRIP, mode, str(root)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not results["never imported"]["hh_peft_imported"]
+    assert results["never imported"]["entered"] == []
+    for mode in ("start-up hook", "imported"):
+        assert results[mode]["hh_peft_imported"], mode
+        entered = set(results[mode]["entered"])
+        assert entered <= _TRIVIAL_FOR_OTHER_METHODS, (mode, sorted(entered - _TRIVIAL_FOR_OTHER_METHODS))
+        assert results[mode]["output"] == results["never imported"]["output"], mode
+        assert results[mode]["files"] == results["never imported"]["files"], mode
