@@ -55,17 +55,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import pyplot, write_results  # noqa: E402
 
 TARGETS = r".*(blocks\.\d+\.\d+\.conv_pwl?|conv_head)"
-# method -> (label, kind, options)
+# method -> (label, recipes.common.models.MethodOptions fields): the recipes' one registry builds every config
 METHODS = {
-    "linear": ("linear probe", "linear", {}),
-    "full": ("full fine-tuning", "full", {}),
-    "lora_r1": ("LoRA r=1", "lora", {"r": 1}),
-    "lora_r8": ("LoRA r=8", "lora", {"r": 8}),
-    "hra_r8": ("HRA r=8", "hra", {"r": 8}),
-    "hta_r0": ("HTA lora_rank=0", "hta", {"lora_rank": 0}),
-    "hta_r1": ("HTA lora_rank=1", "hta", {"lora_rank": 1}),
-    "hta_r2": ("HTA lora_rank=2", "hta", {"lora_rank": 2}),
-    "hta_r4": ("HTA lora_rank=4", "hta", {"lora_rank": 4}),
+    "linear": ("linear probe", {"method": "linear"}),
+    "full": ("full fine-tuning", {"method": "full"}),
+    "lora_r1": ("LoRA r=1", {"method": "lora", "lora_r": 1}),
+    "lora_r8": ("LoRA r=8", {"method": "lora", "lora_r": 8}),
+    "hra_r8": ("HRA r=8", {"method": "hra", "hra_r": 8}),
+    "hta_r0": ("HTA lora_rank=0", {"method": "hta", "lora_rank": 0}),
+    "hta_r1": ("HTA lora_rank=1", {"method": "hta", "lora_rank": 1}),
+    "hta_r2": ("HTA lora_rank=2", {"method": "hta", "lora_rank": 2}),
+    "hta_r4": ("HTA lora_rank=4", {"method": "hta", "lora_rank": 4}),
 }
 DEFAULT_LRS = {"full": "1e-4,3e-4,1e-3"}  # full fine-tuning moves every weight: its grid sits lower
 TITLES = {"a": "main job's ViT (pre-trained on Fashion-MNIST) -> MNIST, 800 training images",
@@ -177,45 +177,20 @@ def load_fashion_mnist_data(image_size: int, n_train: int, n_val: int, n_test: i
 
 
 def build_model(method: str, seed: int, args):
-    """The backbone of ``args.track`` with ``method`` applied; returns (model, trainable parameter count)."""
+    """The backbone of ``args.track`` with ``method`` applied; returns (model, trainable parameter count). Track A
+    targets the recipes' ``attn_mlp`` preset of the main job's ViT; track B the EfficientNet-Lite0 layers of
+    ``TARGETS`` (a regex, which the presets do not express), its classifier trained in full."""
     import torch
 
-    from recipes.common.models import MethodOptions, apply_method, count_parameters
+    from recipes.common.models import MethodOptions, apply_method, count_parameters, prepare_for_method
 
     torch.manual_seed(seed)
-    _, kind, options = METHODS[method]
+    opts = MethodOptions(target_preset="attn_mlp", **METHODS[method][1])
     if args.track == "a":
-        opts = MethodOptions(method=kind, target_preset="attn_mlp", lora_rank=options.get("lora_rank", 1),
-                             lora_r=options.get("r", 8), hra_r=options.get("r", 8))
         model = apply_method(load_vit_backbone(args.quick), opts)
     else:
-        model = adapt_efficientnet(kind, options)
+        model = prepare_for_method(load_backbone(), opts, TARGETS, "classifier")
     return model, count_parameters(model)[0]
-
-
-def adapt_efficientnet(kind: str, options: dict):
-    """Track B: the EfficientNet-Lite0 backbone with method ``kind`` applied to ``TARGETS`` (a regex, which the
-    recipes' presets do not express), the classifier trained in full."""
-    model = load_backbone()
-    if kind == "full":
-        model.requires_grad_(True)
-    elif kind == "linear":
-        model.requires_grad_(False)
-        model.classifier.requires_grad_(True)
-    else:
-        from peft import HRAConfig, LoraConfig, get_peft_model
-
-        import hh_peft
-
-        if kind == "lora":
-            config = LoraConfig(r=options["r"], lora_alpha=options["r"], target_modules=TARGETS, modules_to_save=["classifier"])
-        elif kind == "hra":
-            config = HRAConfig(r=options["r"], target_modules=TARGETS, modules_to_save=["classifier"])
-        else:
-            config = hh_peft.HouseholderConfig(lora_rank=options["lora_rank"], target_modules=TARGETS,
-                                               modules_to_save=["classifier"])
-        model = get_peft_model(model, config)
-    return model
 
 
 def _freeze_batchnorm(model) -> None:

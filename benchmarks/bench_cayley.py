@@ -7,7 +7,7 @@ Columns (all timed interleaved per N, median of several runs, after a warm-up ca
 - ``optimizer+rms``: the same with the reference's RMSprop scaling of G (``rmsprop_unitary=True``);
 - ``cayley_step``: the bare functional step (``torch.linalg.solve``);
 - ``inverse``: the same maths with an explicit ``torch.linalg.inv`` (the formula as printed, what we avoid);
-- ``numpy``: the same maths in numpy complex64 with ``numpy.linalg.solve`` (how DESIGN.md's reference
+- ``numpy``: the same maths in numpy complex64 with ``numpy.linalg.solve`` (how the published reference
   figures, 694 ms at N = 1024 and 4023 ms at N = 2048, were measured);
 - ``reproject/100``: the polar re-projection (one complex SVD) divided by 100 (``reproject_every=100``).
 

@@ -1,6 +1,7 @@
 """Fetch the test suites that PEFT and transformers ship in their source distributions.
 
-The suites are the bar our classes are held to (DESIGN.md section 5). They are downloaded from
+The suites are the bar our classes are held to: PEFT's method matrix for HTA, transformers' model tests for
+the uRNN models. They are downloaded from
 the package index for the *installed* versions, unpacked under ``.cache/suites/`` and never
 committed. Running this twice is free: an unpacked suite is reused.
 

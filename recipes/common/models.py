@@ -292,81 +292,62 @@ class MethodOptions:
     adapter_dropout: float = 0.0
 
 
+def method_config(opts: MethodOptions, target_modules, head: str | None):
+    """The one place a method's PEFT config is built (the recipes, the main job and the accuracy benchmark all come
+    here): HTA, LoRA or HRA on ``target_modules`` (a list of names or a regex), ``head`` trained in full."""
+    modules_to_save = [head] if head else None
+    if opts.method == "hta":
+        import hh_peft
+
+        return hh_peft.HouseholderConfig(target_modules=target_modules, lora_rank=opts.lora_rank,
+                                         householder=opts.householder, dropout=opts.adapter_dropout,
+                                         modules_to_save=modules_to_save)
+    if opts.method == "lora":
+        from peft import LoraConfig
+
+        if opts.lora_r <= 0:
+            raise ValueError(f"--lora_r must be positive, got {opts.lora_r}")
+        return LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha if opts.lora_alpha is not None else opts.lora_r,
+                          lora_dropout=opts.adapter_dropout, target_modules=target_modules,
+                          modules_to_save=modules_to_save)
+    if opts.method == "hra":
+        from peft import HRAConfig
+
+        return HRAConfig(r=opts.hra_r, target_modules=target_modules, modules_to_save=modules_to_save)
+    raise RecipeError(f"{opts.method!r} is not a PEFT method ({', '.join(PEFT_METHODS)})")
+
+
 def validate_method_options(opts: MethodOptions) -> None:
     """Everything about the method that can be checked without a model (so it fails before data loading)."""
     if opts.method not in METHODS:
         raise RecipeError(f"unknown --method {opts.method!r}; choose one of {', '.join(METHODS)}")
     if opts.target_modules is None and opts.target_preset not in PRESET_NAMES:
         raise RecipeError(f"unknown --target_preset {opts.target_preset!r}; choose one of {', '.join(PRESET_NAMES)}")
-    try:
-        if opts.method == "hta":
-            import hh_peft
-
-            hh_peft.HouseholderConfig(target_modules=["x"], lora_rank=opts.lora_rank, householder=opts.householder,
-                                      dropout=opts.adapter_dropout)
-        elif opts.method == "lora":
-            from peft import LoraConfig
-
-            LoraConfig(r=opts.lora_r, target_modules=["x"], lora_dropout=opts.adapter_dropout)
-            if opts.lora_r <= 0:
-                raise ValueError(f"--lora_r must be positive, got {opts.lora_r}")
-        elif opts.method == "hra":
-            from peft import HRAConfig
-
-            HRAConfig(r=opts.hra_r, target_modules=["x"])
-    except (ValueError, TypeError) as err:
-        raise RecipeError(f"--method {opts.method}: {str(err).strip().splitlines()[0]}") from err
+    if opts.method in PEFT_METHODS:
+        try:
+            method_config(opts, ["x"], None)
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"--method {opts.method}: {str(err).strip().splitlines()[0]}") from err
 
 
-def peft_config(loaded: LoadedModel, opts: MethodOptions):
-    """The PEFT config of ``opts.method`` (hta / lora / hra) for this model; the head goes to ``modules_to_save``."""
-    targets = resolve_targets(loaded, opts.target_preset, opts.target_modules)
-    if opts.method == "hta":
-        import hh_peft
-
-        return hh_peft.HouseholderConfig(
-            target_modules=targets,
-            lora_rank=opts.lora_rank,
-            householder=opts.householder,
-            dropout=opts.adapter_dropout,
-            modules_to_save=[loaded.head],
-        )
-    if opts.method == "lora":
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=opts.lora_r,
-            lora_alpha=opts.lora_alpha if opts.lora_alpha is not None else opts.lora_r,
-            lora_dropout=opts.adapter_dropout,
-            target_modules=targets,
-            modules_to_save=[loaded.head],
-        )
-    if opts.method == "hra":
-        from peft import HRAConfig
-
-        return HRAConfig(r=opts.hra_r, target_modules=targets, modules_to_save=[loaded.head])
-    raise RecipeError(f"{opts.method!r} is not a PEFT method ({', '.join(PEFT_METHODS)})")
-
-
-def apply_method(loaded: LoadedModel, opts: MethodOptions) -> nn.Module:
-    """The model to train: a PEFT model for hta / lora / hra, the model itself for full / linear."""
+def prepare_for_method(model: nn.Module, opts: MethodOptions, target_modules, head: str) -> nn.Module:
+    """The model to train under ``opts.method``: a PEFT model for hta / lora / hra (on ``target_modules``, ``head``
+    trained in full), the model itself with every weight (full) or only ``head`` (linear) trainable."""
     if opts.method not in METHODS:
         raise RecipeError(f"unknown --method {opts.method!r}; choose one of {', '.join(METHODS)}")
-    model = loaded.model
     if opts.method in PEFT_METHODS:
         from peft import get_peft_model
 
-        return get_peft_model(model, peft_config(loaded, opts))
-    if opts.method == "linear":
-        head = model.get_submodule(loaded.head)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in head.parameters():
-            p.requires_grad_(True)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        return get_peft_model(model, method_config(opts, target_modules, head))
+    model.requires_grad_(opts.method == "full")
+    model.get_submodule(head).requires_grad_(True)
     return model
+
+
+def apply_method(loaded: LoadedModel, opts: MethodOptions) -> nn.Module:
+    """:func:`prepare_for_method` on a loaded classifier, its targets resolved from ``opts``' preset or names."""
+    targets = resolve_targets(loaded, opts.target_preset, opts.target_modules) if opts.method in PEFT_METHODS else None
+    return prepare_for_method(loaded.model, opts, targets, loaded.head)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """The recipes as two real processes on this machine (gloo): DDP, identical replicas, rank 0 writes alone.
 
 ``ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2`` really starts two processes
-here (``accelerate launch --cpu --num_processes 2`` starts one; DESIGN.md section 4). Which process
+here (``accelerate launch --cpu --num_processes 2`` starts one on this machine, as measured). Which process
 writes what is observed from outside the recipe: a ``sitecustomize`` module on ``PYTHONPATH``
 installs an audit hook (PEP 578) in every process that logs, per rank, each file Python opens for
 writing and each directory it creates under the output folder (safetensors writes from Rust and are
