@@ -21,6 +21,26 @@ def _seed():
     torch.manual_seed(0)
 
 
+def test_devices() -> list[str]:
+    """The devices the device-parametrised tests run on: the CPU always, CUDA when present.
+    ``HH_REQUIRE_CUDA=1`` (set by ``benchmarks/gpu_check.sh``) makes a missing GPU an error rather than a CPU-only run."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    elif os.environ.get("HH_REQUIRE_CUDA") == "1":
+        raise RuntimeError("HH_REQUIRE_CUDA=1 but torch.cuda.is_available() is False")
+    return devices
+
+
+test_devices.__test__ = False  # a helper, not a test
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes a ``device`` argument runs once per entry of :func:`test_devices`."""
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", test_devices())
+
+
 class FakeHub:
     """The Hub's side of an upload, in memory: ``repos[repo_id] = {path_in_repo: bytes}``.
 
