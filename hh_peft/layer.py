@@ -14,6 +14,11 @@ Forward paths of `Linear` (chosen per call, all computing ``base(x) + x delta_W^
   (`functional.hta_factors_backward`): one autograd node per layer, whatever the number of active adapters.
 * **activation space** (dropout, autocast, mixed dtypes, per-sample
   ``adapter_names``): ``base(x) + (drop(x) V) U^T + drop(x)[:, :m] * d``, like LoRA.
+
+**Blocks.** An adapter may cut its layer into ``k`` blocks, each with its own ``u_in``, ``u_out``, ``d``, ``A``, ``B``
+(`functional.BlockLayout`; a fused ``qkv`` gets one block per projection). The tensors keep their names and are
+stored flat, the blocks one after the other, so one block has exactly the shapes of an adapter saved before blocks
+existed. The layout of each adapter is ``hta_layout[adapter_name]``.
 """
 
 from __future__ import annotations
@@ -30,138 +35,31 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import HouseholderConfig
 from .functional import (
+    ONE_BLOCK,
+    AdapterSpec,
+    BlockLayout,
+    FoldedHTALinear,
+    HTATensors,
+    adapter_factors,
     delta_weight,
-    folded_weight,
     hta_activation_delta,
     hta_factors,
-    hta_factors_backward,
-    hta_scalars,
-    row_contraction,
+    pack_adapters,
 )
 
 SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D, nn.Conv2d)
 
-
-def _combined_factors(
-    params: tuple[Optional[torch.Tensor], ...], householders: tuple[tuple[str, float], ...]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[tuple[torch.Tensor, ...]]]:
-    """``(d, U, V)`` of the sum of several adapters' updates (their ``d`` add, their ``U`` / ``V`` columns
-    concatenate), each adapter's number of columns and its `hta_scalars`. ``params`` holds ``(u_in, u_out, d, A,
-    B)`` per adapter."""
-    scalars = [hta_scalars(*params[5 * i : 5 * i + 3], householder=householder, eps=eps) for i, (householder, eps) in enumerate(householders)]
-    factors = [
-        hta_factors(*params[5 * i : 5 * i + 5], householder=householder, eps=eps, scalars=scalars[i])
-        for i, (householder, eps) in enumerate(householders)
-    ]
-    widths = [f[1].shape[1] for f in factors]
-    if len(factors) == 1:
-        d, U, V = factors[0]
-        return d, U, V, widths, scalars
-    d = torch.stack([f[0] for f in factors]).sum(0)
-    # The columns concatenate in the (k, out) / (k, in) row layout of hta_factors.
-    U = torch.cat([f[1].T for f in factors]).T
-    V = torch.cat([f[2].T for f in factors]).T
-    return d, U, V, widths, scalars
-
-
-class _FoldedHTALinear(torch.autograd.Function):
-    """``y = x (W + delta_W)^T + b`` with ``delta_W = D + U V^T`` built from the raw adapter parameters: one matmul
-    forward, low-rank adapter gradients backward (and the full ``dW = G^T X`` only when the base weight itself is
-    trainable). ``apply(x, weight, bias, householders, *params)``: ``householders`` is ``((householder, eps), ...)`` and ``params``
-    is ``(u_in, u_out, d, A, B)`` per active adapter (``A``, ``B`` None without a low-rank term).
-
-    With ``X`` (n, in) and ``G = dL/dy`` (n, out), ``k`` columns in ``U`` / ``V``:
-
-        dX = G (W + D + U V^T)              one n x out x in matmul, as the frozen base layer needs anyway
-        dU = G^T (X V)                      (out, k); ``X V`` is taken in forward, while X is still in cache,
-        dV = X^T (G U)                      (in, k)     and saved (n x k floats)
-        dd = sum_n G[:, :m] * X[:, :m]      (m,)
-
-    and :func:`~hh_peft.functional.hta_factors_backward` carries ``(dd, dU, dV)`` to the parameters without an
-    autograd graph (the ~40 small vector operations that build U and V would otherwise each be a graph node).
-
-    What the measurements behind this layout found (``benchmarks/bench_hta.py``; CPU, MKL):
-
-    * ``(d, U, V)`` and the scalars of `hta_scalars` come from forward (saved, O((in + out) k)) instead of being
-      rebuilt in backward.
-    * ``U``, ``V`` are transposed views of row-major ``(k, out)`` / ``(k, in)`` tensors, so ``X V`` and ``G U`` are
-      "NT" products, which MKL runs 1.5 to 3x faster than with a row-major ``(out, k)`` operand.
-    * The two products that contract over the n rows (``dU``, ``dV``) go through
-      :func:`~hh_peft.functional.row_contraction`, which splits n across the CPU threads.
-    * Backward runs the products with ``G`` first (``G`` was just written by the layer above and is in cache), then
-      those with ``X``, and ``dX`` last, so that the layer below reads a ``dX`` that is still in cache.
-    * ``W + delta_W`` is rebuilt in backward (one ``addmm`` over ``out x in``) instead of being stored, so the layer
-      saves no more than the base layer plus ``X``.
-
-    Under ``create_graph=True`` the backward rebuilds ``(d, U, V)`` and ``X V`` with autograd recording, and every
-    operation in it is differentiable, so second-order gradients are exact (``gradgradcheck`` in the tests).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, householders, *params):
-        d, U, V, widths, scalars = _combined_factors(params, householders)
-        xv = None
-        if any(ctx.needs_input_grad[4:]):  # before the big matmul, while x (just written upstream) is in cache
-            xv = x.reshape(-1, x.shape[-1]) @ V  # (n, k)
-        y = F.linear(x, folded_weight(weight, d, U, V), bias)
-        ctx.householders = householders
-        ctx.widths = widths
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, xv, d, U, V, *[c for adapter in scalars for c in adapter], *params)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight, xv, d, U, V, *rest = ctx.saved_tensors
-        n_adapters = len(ctx.householders)
-        scalars = [tuple(rest[3 * i : 3 * i + 3]) for i in range(n_adapters)]  # saved flat in forward
-        params = rest[3 * n_adapters :]
-        x2 = x.reshape(-1, x.shape[-1])  # (n, in)
-        if torch.is_grad_enabled():
-            # create_graph=True (higher-order gradients): what forward computed without a graph is rebuilt with one,
-            # so that every gradient returned below is a differentiable function of x, W and the parameters.
-            d, U, V, _, scalars = _combined_factors(tuple(params), ctx.householders)
-            if xv is not None:
-                xv = x2 @ V
-        g2 = grad_output.reshape(-1, grad_output.shape[-1])  # (n, out)
-        grad_x = grad_weight = grad_bias = None
-        grad_params: list[Optional[torch.Tensor]] = [None] * len(params)
-        if xv is not None:
-            gu = g2 @ U  # (n, k)
-            grad_U = row_contraction(xv, g2).T  # (out, k)
-            grad_V = row_contraction(gu, x2).T  # (in, k)
-            m = d.shape[0]
-            grad_d = torch.linalg.vecdot(g2[:, :m], x2[:, :m], dim=0)  # (m,)
-            start = 0
-            for i, ((householder, eps), width) in enumerate(zip(ctx.householders, ctx.widths)):
-                grads = hta_factors_backward(
-                    *params[5 * i : 5 * i + 5],
-                    grad_d,
-                    grad_U[:, start : start + width],
-                    grad_V[:, start : start + width],
-                    householder=householder,
-                    eps=eps,
-                    scalars=scalars[i],
-                )
-                for j, grad in enumerate(grads):
-                    if ctx.needs_input_grad[4 + 5 * i + j]:
-                        grad_params[5 * i + j] = grad
-                start += width
-        if ctx.needs_input_grad[1]:  # a trainable base weight (unfrozen by the user, or FSDP's flat parameter)
-            grad_weight = g2.T @ x2  # (out, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = g2.sum(0)
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ folded_weight(weight, d, U, V)).view(x.shape)
-        return (grad_x, grad_weight, grad_bias, None, *grad_params)
+# The folded path's autograd Function lives beside the maths it calls (`functional.FoldedHTALinear`).
+_FoldedHTALinear = FoldedHTALinear
 
 
 class HouseholderLayer(BaseTunerLayer):
     """Adapter state of one adapted layer: per adapter ``u_in`` (in), ``u_out`` (out), ``d`` (min(in, out)),
-    ``A`` (r, in) and ``B`` (out, r). ``in`` is ``in_channels * kh * kw`` for a Conv2d."""
+    ``A`` (r, in) and ``B`` (out, r), or with ``k`` blocks of ``out_b x in_b`` each block's tensors one after the
+    other (`functional.BlockLayout.parameter_shapes`). ``in`` is ``in_channels * kh * kw`` for a Conv2d."""
 
     adapter_layer_names = ("hta_u_in", "hta_u_out", "hta_d", "hta_A", "hta_B")
-    other_param_names = ("hta_lora_rank", "hta_householder", "hta_eps", "hta_dropout")
+    other_param_names = ("hta_lora_rank", "hta_householder", "hta_eps", "hta_dropout", "hta_layout")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -173,6 +71,7 @@ class HouseholderLayer(BaseTunerLayer):
         self.hta_lora_rank: dict[str, int] = {}
         self.hta_householder: dict[str, str] = {}
         self.hta_eps: dict[str, float] = {}
+        self.hta_layout: dict[str, BlockLayout] = {}
         self.hta_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -195,22 +94,28 @@ class HouseholderLayer(BaseTunerLayer):
         else:
             raise TypeError(unsupported_layer_message("", base_layer))
 
-    def update_layer(self, adapter_name: str, config: HouseholderConfig, **kwargs) -> None:
-        """Create (or replace) the adapter ``adapter_name`` on this layer from ``config``."""
+    def update_layer(self, adapter_name: str, config: HouseholderConfig, layout: BlockLayout = ONE_BLOCK, **kwargs) -> None:
+        """Create (or replace) the adapter ``adapter_name`` on this layer from ``config``, cut into ``layout``'s
+        blocks (`HouseholderModel` resolves the layout from the config, `HouseholderConfig.block_layout`)."""
         rank = config.lora_rank
         if rank < 0:
             raise ValueError(f"`lora_rank` must be >= 0, got {rank}")
-        m = min(self.in_features, self.out_features)
+        shapes = layout.parameter_shapes(self.out_features, self.in_features, rank)
         self.hta_lora_rank[adapter_name] = rank
         self.hta_householder[adapter_name] = config.householder
         self.hta_eps[adapter_name] = config.eps
+        self.hta_layout[adapter_name] = layout
         self.hta_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.hta_u_in[adapter_name] = nn.Parameter(torch.empty(self.in_features))
-        self.hta_u_out[adapter_name] = nn.Parameter(torch.empty(self.out_features))
-        self.hta_d[adapter_name] = nn.Parameter(torch.empty(m))
+        self.hta_u_in[adapter_name] = nn.Parameter(torch.empty(shapes["u_in"]))
+        self.hta_u_out[adapter_name] = nn.Parameter(torch.empty(shapes["u_out"]))
+        self.hta_d[adapter_name] = nn.Parameter(torch.empty(shapes["d"]))
         if rank > 0:
-            self.hta_A[adapter_name] = nn.Parameter(torch.empty(rank, self.in_features))
-            self.hta_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, rank))
+            self.hta_A[adapter_name] = nn.Parameter(torch.empty(shapes["A"]))
+            self.hta_B[adapter_name] = nn.Parameter(torch.empty(shapes["B"]))
+        else:  # a replaced adapter may have had a B A term
+            for low_rank in (self.hta_A, self.hta_B):
+                if adapter_name in low_rank:
+                    del low_rank[adapter_name]
         self.reset_hta_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -219,14 +124,16 @@ class HouseholderLayer(BaseTunerLayer):
     def reset_hta_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
         """Identity at init (PEFT's rule): ``d = 0`` and ``B = 0``; ``u_in``, ``u_out``, ``A`` random and non-zero.
 
-        The Householder vectors start as random unit vectors; with the printed form ``I - u u^T`` they are scaled
-        to ``||u||^2 = 2`` so that ``H(u)`` starts orthogonal. ``init_weights=False`` makes ``d`` and ``B`` random too.
+        The Householder vectors (every block's) start as random unit vectors; with the printed form ``I - u u^T``
+        they are scaled to ``||u||^2 = 2`` so that ``H(u)`` starts orthogonal. ``init_weights=False`` makes ``d`` and
+        ``B`` random too.
         """
         scale = math.sqrt(2.0) if self.hta_householder[adapter_name] == "paper" else 1.0
+        blocks = self.hta_layout.get(adapter_name, ONE_BLOCK).blocks
         for vectors in (self.hta_u_in, self.hta_u_out):
-            u = vectors[adapter_name]
+            u = vectors[adapter_name].view(blocks, -1)
             u.normal_()
-            u.mul_(scale / u.norm())
+            u.mul_(scale / u.norm(dim=-1, keepdim=True))
         if adapter_name in self.hta_A:
             nn.init.kaiming_uniform_(self.hta_A[adapter_name], a=math.sqrt(5))
         if init_weights:
@@ -239,10 +146,10 @@ class HouseholderLayer(BaseTunerLayer):
                 nn.init.normal_(self.hta_B[adapter_name], std=0.1)
 
     # ------------------------------------------------------------------ maths of one adapter
-    def _adapter_parameters(self, adapter_name: str) -> tuple[Optional[torch.Tensor], ...]:
-        """``(u_in, u_out, d, A, B)`` of ``adapter_name``, the argument order of `functional.hta_factors` (``A``, ``B``
-        None without a low-rank term)."""
-        return (
+    def _adapter_parameters(self, adapter_name: str) -> HTATensors:
+        """The stored tensors ``(u_in, u_out, d, A, B)`` of ``adapter_name`` (``A``, ``B`` None without a low-rank
+        term); ``self.hta_layout[adapter_name].unpack(...)`` gives them per block."""
+        return HTATensors(
             self.hta_u_in[adapter_name],
             self.hta_u_out[adapter_name],
             self.hta_d[adapter_name],
@@ -254,17 +161,33 @@ class HouseholderLayer(BaseTunerLayer):
         """``(householder, eps)`` of ``adapter_name``."""
         return self.hta_householder[adapter_name], self.hta_eps[adapter_name]
 
+    def _adapter_spec(self, adapter_name: str) -> AdapterSpec:
+        """Everything besides the tensors that shapes ``adapter_name``'s update."""
+        return AdapterSpec(*self._adapter_householder(adapter_name), self.hta_layout.get(adapter_name, ONE_BLOCK))
+
+    def _dense_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(d, U, V)`` with ``delta_W = D + U V^T`` over the whole (out, in) matrix (`functional.adapter_factors`;
+        ``D`` placed by the adapter's layout)."""
+        return adapter_factors(self._adapter_parameters(adapter_name), self._adapter_spec(adapter_name))[:3]
+
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(d, U, V)`` with ``delta_W = D + U V^T`` in the (out, in) layout (functional.hta_factors)."""
+        """``(d, U, V)`` in the adapter's stored layout: ``d`` flat like ``hta_d``, ``U`` like ``hta_B`` (out, 2 + r)
+        and ``V^T`` like ``hta_A`` (2 + r, in), so that the adapter with zero Householder vectors, these ``d``,
+        ``B = U`` and ``A = V^T`` and the same layout has the same update (`hh_peft.combination` builds on that).
+        With one block this is ``functional.hta_factors``."""
+        layout = self.hta_layout.get(adapter_name, ONE_BLOCK)
         householder, eps = self._adapter_householder(adapter_name)
-        return hta_factors(*self._adapter_parameters(adapter_name), householder=householder, eps=eps)
+        blocks = layout.unpack(self._adapter_parameters(adapter_name))
+        d, U, V = hta_factors(*blocks, householder=householder, eps=eps)  # per block: (k, m), (k, out_b, w), (k, in_b, w)
+        packed = layout.pack(HTATensors(blocks.u_in, blocks.u_out, d, V.transpose(-1, -2), U))
+        return packed.d, packed.B, packed.A.T
 
     def _delta_matrix(self, adapter_name: str) -> torch.Tensor:
         """``delta_W`` as an (out, in) matrix in the adapter's dtype (float32 on CPU for half-precision bases)."""
-        factors = self._factors(adapter_name)
+        factors = self._dense_factors(adapter_name)
         if factors[0].device.type == "cpu" and factors[0].dtype in (torch.float16, torch.bfloat16):
             factors = tuple(f.float() for f in factors)  # half-precision matmuls on CPU are slow and inexact
-        return delta_weight(*factors)
+        return delta_weight(*factors, layout=self.hta_layout.get(adapter_name, ONE_BLOCK))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``delta_W`` of ``adapter_name`` in the base weight's own layout and dtype: (out, in) for Linear,
@@ -383,12 +306,14 @@ class _HouseholderModule(nn.Module, HouseholderLayer):
     def __repr__(self) -> str:
         return "hta." + super().__repr__()
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HouseholderConfig, **kwargs) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: HouseholderConfig, layout: BlockLayout = ONE_BLOCK, **kwargs
+    ) -> None:
         super().__init__()
         HouseholderLayer.__init__(self, base_layer, **kwargs)
         self._configure(config)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, layout=layout)
 
     def _configure(self, config: HouseholderConfig) -> None:
         """Layer-type settings read from the config before the first adapter is created."""
@@ -429,16 +354,17 @@ class Linear(_HouseholderModule):
     def _adapter_delta_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         d = self.hta_d[adapter_name]
         x = self._cast_input_dtype(x, d.dtype)
-        return hta_activation_delta(self.hta_dropout[adapter_name](x), *self._factors(adapter_name))
+        layout = self.hta_layout.get(adapter_name, ONE_BLOCK)
+        return hta_activation_delta(self.hta_dropout[adapter_name](x), *self._dense_factors(adapter_name), layout=layout)
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self._can_fold(x, active, args, kwargs):
             return super()._adapted_forward(x, active, *args, **kwargs)
         base_layer = self.get_base_layer()
         weight = base_layer.weight.T if self.fan_in_fan_out else base_layer.weight  # (out, in)
-        householders = tuple(self._adapter_householder(name) for name in active)
-        params = [p for name in active for p in self._adapter_parameters(name)]
-        return _FoldedHTALinear.apply(x, weight, base_layer.bias, householders, *params)
+        specs = tuple(self._adapter_spec(name) for name in active)
+        params = pack_adapters([self._adapter_parameters(name) for name in active])
+        return FoldedHTALinear.apply(x, weight, base_layer.bias, specs, *params)
 
 
 class Conv2d(_HouseholderModule):

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .combination import add_weighted_adapter
 from .config import HouseholderConfig
+from .functional import ONE_BLOCK
 from .layer import Conv2d, HouseholderLayer, Linear, unsupported_layer_message
 from .loading import check_state_dict_fits_model
 from .rollback import record_before_change
@@ -62,7 +63,20 @@ class HouseholderModel(BaseTuner):
         if state_dict is None:
             self._validate_targets(model, config)
             _validate_modules_to_save(model, config)
-        super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+        # A fresh config resolves every target's block layout now and records it (`HouseholderConfig.block_layout`,
+        # saved with the adapter); a loaded one has it already and gets exactly that layout.
+        resolving = config.block_layout is None
+        if resolving:
+            config.block_layout = {}
+        self._resolving_block_layout = resolving
+        try:
+            super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+        except BaseException:
+            if resolving:
+                config.block_layout = None
+            raise
+        finally:
+            self._resolving_block_layout = False
         _warn_rank_above_layer_size(model, adapter_name, config.lora_rank)
 
     @classmethod
@@ -115,21 +129,48 @@ class HouseholderModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
+        layout = self._block_layout(config, current_key, target, target_name, parent)
         if isinstance(target, HouseholderLayer):
-            target.update_layer(adapter_name, config)
+            target.update_layer(adapter_name, config, layout=layout)
             return
-        new_module = self._create_new_module(config, adapter_name, target, current_key)
+        new_module = self._create_new_module(config, adapter_name, target, current_key, layout=layout)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an additional adapter is not trainable until activated
         self._replace_module(parent, target_name, new_module, target)
 
+    def _block_layout(self, config, current_key, target, target_name, parent):
+        """The target's `functional.BlockLayout` (`HouseholderConfig.layer_block_layout`), recorded in
+        ``config.block_layout`` while a fresh config is injected; a layout that does not tile the layer raises
+        naming it."""
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, Conv1D):
+            in_features, out_features = base.weight.shape
+        elif isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        elif isinstance(base, nn.Conv2d):
+            in_features, out_features = base.in_channels * base.kernel_size[0] * base.kernel_size[1], base.out_channels
+        else:
+            return ONE_BLOCK
+        resolving = getattr(self, "_resolving_block_layout", False)
+        layout = config.layer_block_layout(
+            current_key, target_name, parent, in_features, out_features, linear=isinstance(base, (nn.Linear, Conv1D)),
+            resolve=resolving,
+        )
+        try:
+            layout.block_shape(out_features, in_features)
+        except ValueError as error:
+            raise ValueError(f"HTA block layout of {current_key!r}: {error}") from error
+        if resolving and not layout.trivial:
+            config.block_layout[current_key] = list(layout.grid)
+        return layout
+
     @staticmethod
-    def _create_new_module(config, adapter_name, target, name: str = "") -> nn.Module:
+    def _create_new_module(config, adapter_name, target, name: str = "", layout=ONE_BLOCK) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(base, (nn.Linear, Conv1D)):
-            return Linear(target, adapter_name, config)
+            return Linear(target, adapter_name, config, layout=layout)
         if isinstance(base, nn.Conv2d):
-            return Conv2d(target, adapter_name, config)
+            return Conv2d(target, adapter_name, config, layout=layout)
         raise TypeError(unsupported_layer_message(name, base))
 
     # ------------------------------------------------------------------ merging, all or nothing
@@ -194,8 +235,10 @@ class HouseholderModel(BaseTuner):
         adapters' rank-(2 + r_i) terms side by side, ``lora_rank = sum_i (2 + r_i)``. ``"linear"`` (adapters that share
         their Householder vectors; always used for one adapter): the vectors are kept, ``d = sum_i w_i d_i``,
         ``B = [w_i B_i]``, ``lora_rank = sum_i r_i``. See `hh_peft.combination` for the algebra. ``modules_to_save``
-        are not combined: the new adapter uses the base model's modules there.
+        are not combined: the new adapter uses the base model's modules there. Adapters with blocks combine block by
+        block; they must then have the same layout on every layer any of them adapts (`_check_block_layouts`).
         """
+        _check_block_layouts(self, adapters, combination_type)
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type)
 
     @contextmanager
@@ -252,6 +295,34 @@ def _validate_modules_to_save(model: nn.Module, config: HouseholderConfig) -> No
             f"`modules_to_save` entr{'y' if len(unmatched) == 1 else 'ies'} {unmatched} match no module of "
             f"{type(model).__name__}; an entry is a module name or its ending, e.g. one of {heads[:12]}"
         )
+
+
+def _check_block_layouts(tuner: HouseholderModel, adapters: list[str], combination_type: str) -> None:
+    """`add_weighted_adapter` combines block adapters block by block ("linear"): on a layer where any of
+    ``adapters`` has blocks, all of them must adapt it with the same layout (the combination takes the first
+    adapter's layout). "cat" of block adapters is refused: `hh_peft.combination` sizes its zero Householder vectors
+    by the layer (``in_features``), not by the blocks."""
+    for name, layer in tuner._hta_layers():
+        layouts = {adapter: layer.hta_layout.get(adapter, ONE_BLOCK) for adapter in adapters if adapter in layer.hta_d}
+        if not layouts or all(layout.trivial for layout in layouts.values()):
+            continue
+        if combination_type == "cat" and len(adapters) > 1:
+            raise ValueError(
+                f"combination_type='cat' is not supported yet for HTA adapters with blocks (layer {name!r} has "
+                f"{list(next(l for l in layouts.values() if not l.trivial).grid)} [row, column] blocks); use "
+                "combination_type='linear' (adapters sharing their Householder vectors, e.g. one adapter scaled) or "
+                "adapters created with output_blocks=1. Nothing was added."
+            )
+        missing = [adapter for adapter in adapters if adapter in tuner.peft_config and adapter not in layouts]
+        if missing or len(set(layouts.values())) > 1:
+            described = ", ".join(
+                f"{adapter!r}: {list(layouts[adapter].grid) if adapter in layouts else 'not adapted'}" for adapter in adapters
+            )
+            raise ValueError(
+                f"add_weighted_adapter combines HTA adapters with blocks block by block, so on every layer where one of "
+                f"them has blocks all must adapt it with the same [row blocks, column blocks]; layer {name!r} has "
+                f"{described}. Nothing was added."
+            )
 
 
 def _warn_rank_above_layer_size(model: nn.Module, adapter_name: str, lora_rank: int) -> None:
