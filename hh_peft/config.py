@@ -54,8 +54,12 @@ class HouseholderConfig(PeftConfig):
             of the shorter, square blocks along the longer side (768 -> 3072: 4 row blocks of 768 x 768), each with
             its own ``d`` and Householder vectors: ``(1 + r) * (in + out) + max(in, out)`` parameters instead of
             ``(1 + r) * (in + out) + min(in, out)``, plus ``(k - 1) * r * shorter side``.
+        adapted_blocks: name pattern -> indices of the blocks to adapt on a layer with blocks (the others get no
+            update and no parameters), e.g. ``{"attn.qkv": [0, 2]}``: HTA on q and v only of a fused qkv. Patterns
+            as for ``output_blocks``; unnamed layers adapt all their blocks.
         block_layout: the resolved layout, filled in when the adapter is injected and saved with it: module name
-            -> ``[row blocks, column blocks]`` for every layer that is not one block. An adapter loads to exactly
+            -> ``[row blocks, column blocks]`` (and ``[..., adapted block indices]`` when not all are adapted) for
+            every layer that is not one block. An adapter loads to exactly
             this layout. A saved config without the field (saved before blocks existed) is one block everywhere.
 
     **Detection of fused projections** (targets that neither ``output_blocks`` nor ``input_blocks`` names): an
@@ -111,9 +115,12 @@ class HouseholderConfig(PeftConfig):
         default="diagonal",
         metadata={"help": "'diagonal': one min(in, out) diagonal; 'square_blocks': square blocks along the longer side."},
     )
-    block_layout: Optional[dict[str, list[int]]] = field(
+    adapted_blocks: Optional[dict[str, list[int]]] = field(
+        default=None, metadata={"help": "{name pattern: [block indices]}: adapt only these blocks (e.g. q and v of a qkv)."}
+    )
+    block_layout: Optional[dict[str, list]] = field(
         default=None,
-        metadata={"help": "Resolved on injection and saved: module name -> [row blocks, column blocks] (1 block if absent)."},
+        metadata={"help": "Resolved on injection and saved: module name -> [row blocks, column blocks(, adapted)] (1 block if absent)."},
     )
 
     def __post_init__(self):
@@ -148,6 +155,11 @@ class HouseholderConfig(PeftConfig):
             counts = value.values() if isinstance(value, dict) else [] if value is None else [value]
             if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in counts):
                 raise ValueError(f"`{name}` must be None, an integer >= 1 or a dict of name pattern -> integer >= 1, got {value!r}")
+        if self.adapted_blocks is not None and (
+            not isinstance(self.adapted_blocks, dict)
+            or not all(isinstance(v, (list, tuple)) and v and all(isinstance(i, int) and i >= 0 for i in v) for v in self.adapted_blocks.values())
+        ):
+            raise ValueError(f"`adapted_blocks` must be a dict of name pattern -> non-empty list of block indices, got {self.adapted_blocks!r}")
         if self.rectangular not in RECTANGULAR_FORMS:
             raise ValueError(f"`rectangular` must be one of {RECTANGULAR_FORMS}, got {self.rectangular!r}")
         if self.block_layout is not None:
@@ -167,6 +179,15 @@ class HouseholderConfig(PeftConfig):
         class docstring), ``rectangular="square_blocks"`` (``linear`` layers only), one block."""
         if self.block_layout is not None and not resolve:
             return BlockLayout.from_grid(self.block_layout.get(key, (1, 1)))
+        layout = self._resolve_blocks(key, target_name, parent, in_features, out_features, linear)
+        adapted = _pattern_value(self.adapted_blocks, key)
+        if adapted is not None:
+            if layout.trivial:
+                raise ValueError(f"`adapted_blocks` names {key!r}, which has one block (no output_blocks / input_blocks / detected fused projection)")
+            layout = layout.with_adapted(adapted)
+        return layout
+
+    def _resolve_blocks(self, key, target_name, parent, in_features, out_features, linear) -> BlockLayout:
         blocks = _pattern_value(self.input_blocks, key)
         if blocks is not None and blocks > 1:
             return BlockLayout(blocks, "in")
@@ -183,7 +204,7 @@ class HouseholderConfig(PeftConfig):
         return BlockLayout()
 
 
-def _pattern_value(setting, key: str) -> Optional[int]:
+def _pattern_value(setting, key: str):
     """``setting`` for the module ``key``: an int as it is; a dict: the value of the first pattern matching the end
     of ``key`` at a ``.`` boundary (PEFT's ``get_pattern_key`` rule), None if none does."""
     if setting is None or isinstance(setting, int):

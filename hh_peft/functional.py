@@ -220,36 +220,60 @@ class BlockLayout(NamedTuple):
 
     ``side="out"``: row blocks, ``delta_W = [delta_1; ...; delta_k]``, each block ``out/k x in`` (a fused
     ``[W_q; W_k; W_v]`` has 3). ``side="in"``: column blocks, ``delta_W = [delta_1, ..., delta_k]``, each ``out x in/k``.
-    One block (the default) is the plain HTA update of the whole matrix.
+    One block (the default) is the plain HTA update of the whole matrix. ``adapted``: the indices of the blocks
+    that get an update (None: all; ``(0, 2)`` of a fused qkv: q and v only); the others get none and hold no
+    tensors.
 
-    An adapter's tensors are stored flat, the blocks' vectors one after the other, so that one block has exactly
-    the tensors of an unblocked adapter and ``k`` blocks of shape ``out_b x in_b`` (``m_b = min(out_b, in_b)``) hold
+    An adapter's tensors are stored flat, the adapted blocks' vectors one after the other, so that one block has
+    exactly the tensors of an unblocked adapter and ``a`` adapted blocks of shape ``out_b x in_b``
+    (``m_b = min(out_b, in_b)``) hold
 
-        u_in (k in_b,)   u_out (k out_b,)   d (k m_b,)   A (r, k in_b)   B (k out_b, r)
+        u_in (a in_b,)   u_out (a out_b,)   d (a m_b,)   A (r, a in_b)   B (a out_b, r)
 
-    (``A``'s column block ``b`` and ``B``'s row block ``b`` are block ``b``'s ``A_b``, ``B_b``). `unpack` gives the
-    batched views (``u_in`` (k, in_b), ``A`` (k, r, in_b), ...) that the maths above takes.
+    (``A``'s column block ``j`` and ``B``'s row block ``j`` are the ``j``-th adapted block's ``A_b``, ``B_b``).
+    `unpack` gives the batched views (``u_in`` (a, in_b), ``A`` (a, r, in_b), ...) that the maths above takes.
     """
 
     blocks: int = 1
     side: str = "out"
+    adapted: Optional[tuple[int, ...]] = None
 
     @property
     def trivial(self) -> bool:
         return self.blocks == 1
 
     @property
-    def grid(self) -> tuple[int, int]:
-        """``(row blocks, column blocks)``: ``(k, 1)`` or ``(1, k)``."""
-        return (self.blocks, 1) if self.side == "out" else (1, self.blocks)
+    def count(self) -> int:
+        """The number of adapted blocks."""
+        return self.blocks if self.adapted is None else len(self.adapted)
+
+    @property
+    def grid(self) -> list:
+        """The saved config's notation: ``[row blocks, column blocks]``, plus the adapted blocks' indices when not
+        all are adapted."""
+        grid = [self.blocks, 1] if self.side == "out" else [1, self.blocks]
+        return grid if self.adapted is None else [*grid, list(self.adapted)]
 
     @classmethod
     def from_grid(cls, grid) -> "BlockLayout":
-        """The layout of ``(row blocks, column blocks)``, one of which is 1 (the saved config's notation)."""
-        rows, columns = (int(n) for n in grid)
+        """The layout of ``[row blocks, column blocks]`` (one of them 1) or ``[rows, columns, adapted indices]``."""
+        if not isinstance(grid, (list, tuple)) or len(grid) not in (2, 3):
+            raise ValueError(f"a block layout is [row blocks, column blocks(, adapted blocks)], got {grid!r}")
+        rows, columns = (int(n) for n in grid[:2])
         if rows < 1 or columns < 1 or (rows > 1 and columns > 1):
             raise ValueError(f"a block layout is [row blocks, column blocks] with one of them 1, got {list(grid)}")
-        return cls(columns, "in") if columns > 1 else cls(rows, "out")
+        layout = cls(columns, "in") if columns > 1 else cls(rows, "out")
+        return layout.with_adapted(grid[2]) if len(grid) == 3 else layout
+
+    def with_adapted(self, adapted) -> "BlockLayout":
+        """This layout adapting only the blocks ``adapted`` (sorted, distinct, in range; all of them: None)."""
+        indices = tuple(sorted({int(i) for i in adapted}))
+        if not indices or indices[0] < 0 or indices[-1] >= self.blocks or len(indices) != len(list(adapted)):
+            raise ValueError(f"adapted blocks must be distinct indices in 0..{self.blocks - 1}, got {list(adapted)!r}")
+        return self._replace(adapted=None if len(indices) == self.blocks else indices)
+
+    def _adapted_index(self, device) -> torch.Tensor:
+        return torch.tensor(self.adapted if self.adapted is not None else range(self.blocks), device=device)
 
     def block_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
         """``(out_b, in_b)`` of one block; raises a ValueError if the blocks do not tile the matrix."""
@@ -264,10 +288,10 @@ class BlockLayout(NamedTuple):
     def parameter_shapes(self, out_features: int, in_features: int, rank: int) -> dict[str, tuple[int, ...]]:
         """The stored (flat) shapes of an adapter's tensors, keyed ``u_in``, ``u_out``, ``d``, ``A``, ``B``."""
         out_b, in_b = self.block_shape(out_features, in_features)
-        k = self.blocks
-        shapes = {"u_in": (k * in_b,), "u_out": (k * out_b,), "d": (k * min(out_b, in_b),)}
+        a = self.count
+        shapes = {"u_in": (a * in_b,), "u_out": (a * out_b,), "d": (a * min(out_b, in_b),)}
         if rank > 0:
-            shapes.update(A=(rank, k * in_b), B=(k * out_b, rank))
+            shapes.update(A=(rank, a * in_b), B=(a * out_b, rank))
         return shapes
 
     # ---------------------------------------------------------------- flat storage <-> batched blocks
@@ -275,12 +299,12 @@ class BlockLayout(NamedTuple):
         """Batched per-block views of the flat stored tensors (no copy); one block: the tensors as they are."""
         if self.trivial:
             return tensors
-        k = self.blocks
+        a = self.count
         u_in, u_out, d, A, B = tensors
         if A is not None:
-            A = A.view(A.shape[0], k, -1).transpose(0, 1)  # (k, r, in_b)
-            B = B.view(k, -1, B.shape[-1])  # (k, out_b, r)
-        return HTATensors(u_in.view(k, -1), u_out.view(k, -1), d.view(k, -1), A, B)
+            A = A.view(A.shape[0], a, -1).transpose(0, 1)  # (a, r, in_b)
+            B = B.view(a, -1, B.shape[-1])  # (a, out_b, r)
+        return HTATensors(u_in.view(a, -1), u_out.view(a, -1), d.view(a, -1), A, B)
 
     def pack(self, tensors: "HTATensors") -> "HTATensors":
         """The inverse of `unpack`: per-block tensors (gradients, new values) in the flat stored shapes."""
@@ -293,34 +317,48 @@ class BlockLayout(NamedTuple):
         return HTATensors(u_in.reshape(-1), u_out.reshape(-1), d.reshape(-1), A, B)
 
     # ---------------------------------------------------------------- blocks <-> the whole matrix
+    def _block_diagonal(self, rows: torch.Tensor) -> torch.Tensor:
+        """(a, w, size) per adapted block -> (a w, k size): each block's rows over its own column range."""
+        if self.adapted is None:
+            return torch.block_diag(*rows.unbind(0))
+        empty = rows.new_zeros(0, rows.shape[-1])
+        parts = [empty] * self.blocks
+        for j, b in enumerate(self.adapted):
+            parts[b] = rows[j]
+        return torch.block_diag(*parts)
+
     def dense(self, d: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-block factors ``d`` (k, m_b), ``U`` (k, out_b, w), ``V`` (k, in_b, w) as factors of the whole matrix:
-        ``d`` flat (k m_b,) and ``U`` (out, k w), ``V`` (in, k w) with ``[delta_b] = D + U V^T``. Row blocks make
+        """Per-block factors ``d`` (a, m_b), ``U`` (a, out_b, w), ``V`` (a, in_b, w) as factors of the whole matrix:
+        ``d`` flat (a m_b,) and ``U`` (out, a w), ``V`` (in, a w) with ``[delta_b] = D + U V^T``. Row blocks make
         ``U`` block-diagonal and stack ``V``'s columns; column blocks the other way round. Both are transposed views
         of row-major tensors, like :func:`hta_factors`' ``U`` and ``V``."""
         if self.trivial:
             return d, U, V
-        k, w = self.blocks, U.shape[-1]
-        U_t, V_t = U.transpose(-1, -2), V.transpose(-1, -2)  # (k, w, out_b), (k, w, in_b), contiguous
+        a, w = self.count, U.shape[-1]
+        U_t, V_t = U.transpose(-1, -2), V.transpose(-1, -2)  # (a, w, out_b), (a, w, in_b), contiguous
         if self.side == "out":
-            U_t, V_t = torch.block_diag(*U_t.unbind(0)), V_t.reshape(k * w, -1)
+            U_t, V_t = self._block_diagonal(U_t), V_t.reshape(a * w, -1)
         else:
-            U_t, V_t = U_t.reshape(k * w, -1), torch.block_diag(*V_t.unbind(0))
+            U_t, V_t = U_t.reshape(a * w, -1), self._block_diagonal(V_t)
         return d.reshape(-1), U_t.T, V_t.T
 
     def block_grads(self, grad_U: torch.Tensor, grad_V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gradients of the per-block ``U`` (k, out_b, w) and ``V`` (k, in_b, w) from those of `dense`'s whole
-        ``U`` (out, k w) and ``V`` (in, k w): the diagonal blocks of the block-diagonal one, the column blocks of the
-        other (views)."""
+        """The gradients of the per-block ``U`` (a, out_b, w) and ``V`` (a, in_b, w) from those of `dense`'s whole
+        ``U`` (out, a w) and ``V`` (in, a w): the diagonal blocks of the block-diagonal one, the column blocks of the
+        other."""
         if self.trivial:
             return grad_U, grad_V
-        k, w = self.blocks, grad_U.shape[-1] // self.blocks
+        k, a = self.blocks, self.count
+        w = grad_U.shape[-1] // a
 
-        def diagonal_blocks(grad):  # (k size, k w) -> (k, size, w)
-            return grad.view(k, -1, k, w).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        def diagonal_blocks(grad):  # (k size, a w) -> (a, size, w)
+            grad = grad.view(k, -1, a, w)
+            if self.adapted is None:
+                return grad.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            return grad[self._adapted_index(grad.device), :, torch.arange(a, device=grad.device)]
 
-        def column_blocks(grad):  # (size, k w) -> (k, size, w)
-            return grad.view(grad.shape[0], k, w).transpose(0, 1)
+        def column_blocks(grad):  # (size, a w) -> (a, size, w)
+            return grad.view(grad.shape[0], a, w).transpose(0, 1)
 
         if self.side == "out":
             return diagonal_blocks(grad_U), column_blocks(grad_V)
@@ -333,11 +371,13 @@ class BlockLayout(NamedTuple):
         return matrix.view(matrix.shape[0], self.blocks, -1).diagonal(dim1=0, dim2=2)
 
     def add_diagonal_(self, matrix: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """``matrix += D`` in place for a contiguous (out, in) ``matrix``, O(k m_b); ``d`` flat."""
+        """``matrix += D`` in place for a contiguous (out, in) ``matrix``, O(a m_b); ``d`` flat."""
         if self.trivial:
             matrix.diagonal()[: d.shape[0]].add_(d)
-        else:
+        elif self.adapted is None:
             self._diagonals(matrix).add_(d.view(self.blocks, -1))
+        else:
+            self._diagonals(matrix).index_add_(0, self._adapted_index(d.device), d.view(self.count, -1))
         return matrix
 
     def add_diagonal(self, matrix: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -350,8 +390,8 @@ class BlockLayout(NamedTuple):
         index = torch.arange(size, device=device)
         if self.trivial:
             return index, index
-        m = size // self.blocks
-        block, i = index // m, index % m
+        m = size // self.count
+        block, i = self._adapted_index(device)[index // m], index % m
         if self.side == "out":
             return block * (shape[0] // self.blocks) + i, i
         return i, block * (shape[1] // self.blocks) + i
@@ -361,12 +401,15 @@ class BlockLayout(NamedTuple):
         ``sum_n G[n, row_j] X[n, col_j]``."""
         if self.trivial:
             return torch.linalg.vecdot(grad_output[:, :size], x[:, :size], dim=0)
-        n, k, m = x.shape[0], self.blocks, size // self.blocks
+        n, k, m = x.shape[0], self.blocks, size // self.count
         if self.side == "out":
             g, x = grad_output.view(n, k, -1)[:, :, :m], x[:, None, :m]
         else:
             g, x = grad_output[:, None, :m], x.view(n, k, -1)[:, :, :m]
-        return torch.linalg.vecdot(g, x, dim=0).reshape(-1)
+        grad = torch.linalg.vecdot(g, x, dim=0)  # (k, m)
+        if self.adapted is not None:
+            grad = grad[self._adapted_index(grad.device)]
+        return grad.reshape(-1)
 
     def diagonal_output(self, x: torch.Tensor, d: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x D^T`` for row vectors ``x`` (..., in): (..., out)."""
@@ -374,9 +417,11 @@ class BlockLayout(NamedTuple):
             m = d.shape[0]
             part = x[..., :m] * d
             return part if m == out_features else F.pad(part, (0, out_features - m))
-        k = self.blocks
-        d = d.view(k, -1)
+        k, a = self.blocks, self.count
+        d = d.view(a, -1)
         m = d.shape[-1]
+        if self.adapted is not None:  # the blocks without an update get d = 0
+            d = d.new_zeros(k, m).index_copy(0, self._adapted_index(d.device), d)
         if self.side == "out":
             part = x[..., None, :m] * d  # (..., k, m)
             out_b = out_features // k

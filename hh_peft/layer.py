@@ -129,7 +129,7 @@ class HouseholderLayer(BaseTunerLayer):
         ``B`` random too.
         """
         scale = math.sqrt(2.0) if self.hta_householder[adapter_name] == "paper" else 1.0
-        blocks = self.hta_layout.get(adapter_name, ONE_BLOCK).blocks
+        blocks = self.hta_layout.get(adapter_name, ONE_BLOCK).count
         for vectors in (self.hta_u_in, self.hta_u_out):
             u = vectors[adapter_name].view(blocks, -1)
             u.normal_()

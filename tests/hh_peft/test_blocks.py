@@ -48,15 +48,18 @@ class Separate(nn.Module):
 
 
 def block_reference(layer, adapter="default"):
-    """``delta_W`` of a block adapter rebuilt block by block from the one-block maths (float64)."""
+    """``delta_W`` of a block adapter rebuilt block by block from the one-block maths (float64); blocks that are
+    not adapted are zero."""
     layout = layer.hta_layout[adapter]
     blocks = layout.unpack(layer._adapter_parameters(adapter))
     householder = layer.hta_householder[adapter]
-    parts = []
-    for b in range(layout.blocks):
-        A = blocks.A[b] if blocks.A is not None else None
-        B = blocks.B[b] if blocks.B is not None else None
-        parts.append(delta_weight(*hta_factors(blocks.u_in[b], blocks.u_out[b], blocks.d[b], A, B, householder=householder)))
+    adapted = layout.adapted if layout.adapted is not None else range(layout.blocks)
+    out_b, in_b = layout.block_shape(layer.out_features, layer.in_features)
+    parts = [torch.zeros(out_b, in_b, dtype=blocks.d.dtype) for _ in range(layout.blocks)]
+    for j, b in enumerate(adapted):
+        A = blocks.A[j] if blocks.A is not None else None
+        B = blocks.B[j] if blocks.B is not None else None
+        parts[b] = delta_weight(*hta_factors(blocks.u_in[j], blocks.u_out[j], blocks.d[j], A, B, householder=householder))
     return torch.cat(parts, dim=0 if layout.side == "out" else 1)
 
 
@@ -122,7 +125,10 @@ def test_fused_blocks_equal_separate_layers(householder, rank):
         torch.testing.assert_close(getattr(target, name)["default"].grad, expected_grad, rtol=0, atol=1e-11)
 
 
-@pytest.mark.parametrize("layout", [BlockLayout(3, "out"), BlockLayout(2, "in"), BlockLayout(2, "out")])
+@pytest.mark.parametrize(
+    "layout",
+    [BlockLayout(3, "out"), BlockLayout(2, "in"), BlockLayout(2, "out"), BlockLayout(3, "out", (0, 2)), BlockLayout(2, "in", (1,))],
+)
 @pytest.mark.parametrize("householder", ["normalized", "paper"])
 def test_folded_function_with_blocks_gradcheck(layout, householder):
     torch.manual_seed(0)
@@ -297,3 +303,25 @@ def test_bad_block_settings_are_refused():
         HouseholderConfig(target_modules=["qkv"], rectangular="square")
     with pytest.raises(ValueError, match=r"'fc1'.*5 output blocks do not divide out_features=64"):
         timm_model(output_blocks={"fc1": 5})
+
+
+def test_adapted_blocks_q_and_v_only(tmp_path):
+    """``adapted_blocks={"qkv": [0, 2]}``: q and v of the fused qkv get a block each, k none (no parameters)."""
+    base, model = timm_model(target_modules=["qkv"], adapted_blocks={"qkv": [0, 2]})
+    assert model.peft_config["default"].block_layout == {"attn.qkv": [3, 1, [0, 2]]}
+    qkv = model.base_model.model.attn.qkv
+    assert qkv.hta_u_in["default"].shape == (32,) and qkv.hta_B["default"].shape == (32, 1)
+    delta = qkv.get_delta_weight("default")
+    torch.testing.assert_close(delta, block_reference(qkv), rtol=0, atol=1e-12)
+    assert not delta[16:32].any() and delta[:16].any() and delta[32:].any()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    y = model(x)
+    model.train()
+    qkv.hta_dropout["default"] = nn.Dropout(0.0)  # the activation-space path
+    torch.testing.assert_close(model(x), y, rtol=0, atol=1e-12)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="adapted blocks must be distinct indices"):
+        timm_model(target_modules=["qkv"], adapted_blocks={"qkv": [3]})
