@@ -8,7 +8,10 @@ AdamW; adapters target ``attn.qkv, attn.proj, mlp.fc1, mlp.fc2`` in every block 
     floor         the head and the patch-embedding bias: backward runs through every block, no adapter can be faster
     lora_r1/r8    PEFT LoraConfig(r=1 / 8, lora_alpha=r)
     hra_r8        PEFT HRAConfig(r=8)
-    hta           HouseholderConfig(lora_rank=1): the folded forward path
+    hta           HouseholderConfig(lora_rank=1): the folded forward path; timm's fused ``attn.qkv`` in one
+                  Householder-SVD block per projection (q, k, v), the default since block layouts exist
+    hta_fused     the same with ``output_blocks=1``: ``attn.qkv`` as one block (the layout before blocks)
+    hta_square    ``rectangular="square_blocks"``: the FFN's fc1 / fc2 as 4 square blocks each (own d, vectors)
     hta_dropout   HouseholderConfig(lora_rank=1, dropout=0.1): the activation-space path
     full          every parameter trainable
     bare_infer / hta_merged_infer / hta_unmerged_infer
@@ -60,7 +63,7 @@ from bench_common import pyplot, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_MODULES = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
-TRAIN_CONFIGS = ["head_only", "floor", "lora_r1", "lora_r8", "hra_r8", "hta", "hta_dropout", "full"]
+TRAIN_CONFIGS = ["head_only", "floor", "lora_r1", "lora_r8", "hra_r8", "hta", "hta_fused", "hta_square", "hta_dropout", "full"]
 INFER_CONFIGS = ["bare_infer", "hta_merged_infer", "hta_unmerged_infer"]
 CONFIGS = TRAIN_CONFIGS + INFER_CONFIGS
 LABELS = {
@@ -69,7 +72,9 @@ LABELS = {
     "lora_r1": "LoRA r=1",
     "lora_r8": "LoRA r=8",
     "hra_r8": "HRA r=8",
-    "hta": "HTA (lora_rank=1)",
+    "hta": "HTA (lora_rank=1), qkv per projection",
+    "hta_fused": "HTA, qkv one block",
+    "hta_square": "HTA, FFN square blocks",
     "hta_dropout": "HTA, dropout 0.1",
     "full": "full fine-tuning",
     "bare_infer": "bare model, inference",
@@ -84,6 +89,7 @@ TARGETS = [
     ("hta", "lora_r8", "ms_per_step", 0.90),
     ("hta", "hra_r8", "ms_per_step", 0.35),
     ("hta", "lora_r8", "peak_rss_mib", 1.00),
+    ("hta", "lora_r8", "step_mem_mib", 0.80),
     ("hta_merged_infer", "bare_infer", "ms_per_step", 1.02),
 ]
 
@@ -117,10 +123,11 @@ def build(config: str, model_name: str, img_size: int, num_classes: int, depth: 
         adapter = LoraConfig(r=r, lora_alpha=r, target_modules=TARGET_MODULES, modules_to_save=["head"])
     elif config == "hra_r8":
         adapter = HRAConfig(r=8, target_modules=TARGET_MODULES, modules_to_save=["head"])
-    elif config in ("hta", "hta_dropout"):
+    elif config in ("hta", "hta_dropout", "hta_fused", "hta_square"):
+        layout = {"hta_fused": dict(output_blocks=1), "hta_square": dict(rectangular="square_blocks")}.get(config, {})
         adapter = hh_peft.HouseholderConfig(
             lora_rank=1, dropout=0.1 if config == "hta_dropout" else 0.0, target_modules=TARGET_MODULES,
-            modules_to_save=["head"],
+            modules_to_save=["head"], **layout,
         )
     elif config in ("hta_merged_infer", "hta_unmerged_infer"):
         # init_weights=False: a non-trivial adapter, so merging really changes the weights.
