@@ -7,7 +7,7 @@ Forward paths of `Linear` (chosen per call, all computing ``base(x) + x delta_W^
 
 * **folded** (no dropout, no autocast, one dtype: the training and inference default).
   ``y = x (W + delta_W)^T + b`` is a single matmul; ``delta_W`` costs O(in * out) to build.
-  The custom autograd function below takes the parameter gradients by low-rank contractions
+  The custom autograd function (`functional.FoldedHTALinear`, beside the maths it calls) takes the parameter gradients by low-rank contractions
   (``dU = G^T (X V)``, ``dV = X^T (G U)``, ``dd = sum_n G[:, :m] * X[:, :m]``), never forming the full
   ``out x in`` weight gradient, rebuilds ``W + delta_W`` in backward instead of storing it, and carries the
   gradients of U, V and d to the raw parameters with the chain rule written out
@@ -28,7 +28,6 @@ import warnings
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D

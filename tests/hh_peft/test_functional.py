@@ -150,3 +150,31 @@ def test_hta_factors_returns_transposed_row_layout():
     d, U, V = hta_factors(torch.randn(5), torch.randn(7), torch.randn(5), torch.randn(2, 5), torch.randn(7, 2))
     assert U.shape == (7, 4) and V.shape == (5, 4)
     assert U.T.is_contiguous() and V.T.is_contiguous()
+
+
+@pytest.mark.parametrize("householder", ["normalized", "paper"])
+@pytest.mark.parametrize("rank", [0, 2])
+def test_batched_blocks_equal_one_block_at_a_time(householder, rank):
+    """A leading block dimension computes every block exactly as the 1-D functions do one by one: factors, scalars
+    and the written-out backward (float64, 1e-12); a zero vector in one block stays finite."""
+    torch.manual_seed(0)
+    k, n_in, n_out = 3, 5, 4
+    u_in, u_out, d = torch.randn(k, n_in, dtype=torch.float64), torch.randn(k, n_out, dtype=torch.float64), torch.randn(k, 4, dtype=torch.float64)
+    u_in[1] = 0.0
+    A = torch.randn(k, rank, n_in, dtype=torch.float64) if rank else None
+    B = torch.randn(k, n_out, rank, dtype=torch.float64) if rank else None
+    d_b, U_b, V_b = hta_factors(u_in, u_out, d, A, B, householder=householder)
+    grad_d, grad_U, grad_V = torch.randn_like(d), torch.randn_like(U_b), torch.randn_like(V_b)
+    grads = hta_factors_backward(u_in, u_out, d, A, B, grad_d, grad_U, grad_V, householder=householder)
+    for b in range(k):
+        A_b, B_b = (A[b], B[b]) if rank else (None, None)
+        _, U, V = hta_factors(u_in[b], u_out[b], d[b], A_b, B_b, householder=householder)
+        torch.testing.assert_close(U_b[b], U, rtol=0, atol=1e-12)
+        torch.testing.assert_close(V_b[b], V, rtol=0, atol=1e-12)
+        one = hta_factors_backward(u_in[b], u_out[b], d[b], A_b, B_b, grad_d[b], grad_U[b], grad_V[b], householder=householder)
+        for batched, single in zip(grads, one):
+            if single is None:
+                assert batched is None
+            else:
+                assert torch.isfinite(batched[b]).all()
+                torch.testing.assert_close(batched[b], single, rtol=0, atol=1e-12)
