@@ -52,8 +52,8 @@ class HouseholderConfig(PeftConfig):
         rectangular: how a rectangular target nobody cut into blocks is adapted. ``"diagonal"`` (default): one
             block whose ``D`` has ``min(in, out)`` values. ``"square_blocks"``: when the longer side is a multiple
             of the shorter, square blocks along the longer side (768 -> 3072: 4 row blocks of 768 x 768), each with
-            its own ``d`` and Householder vectors: ``(1 + r) * (in + out) + max(in, out)`` parameters instead of
-            ``(1 + r) * (in + out) + min(in, out)``, plus ``(k - 1) * r * shorter side``.
+            its own ``d``, Householder vectors and rank-``r`` term: ``(3 + 2 r) * max(in, out)`` parameters instead
+            of ``(1 + r) * (in + out) + min(in, out)`` (768 -> 3072 with ``r = 1``: 15,360 instead of 8,448).
         adapted_blocks: name pattern -> indices of the blocks to adapt on a layer with blocks (the others get no
             update and no parameters), e.g. ``{"attn.qkv": [0, 2]}``: HTA on q and v only of a fused qkv. Patterns
             as for ``output_blocks``; unnamed layers adapt all their blocks.
