@@ -36,8 +36,9 @@ def test_hta_run_writes_adapter_metrics_and_curves(tmp_path):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["steps"] == 8 and on_disk["history"]["eval_step"] == [4, 8]
     assert 0.0 <= on_disk["test_accuracy"] <= 1.0 and all(map(lambda v: v == v, on_disk["history"]["loss"]))
-    # every adapted layer of the 2 blocks (width 32, MLP 128) plus the 10-class head
-    per_block = _hta_params(32, 96) + _hta_params(32, 32) + _hta_params(32, 128) + _hta_params(128, 32)
+    # every adapted layer of the 2 blocks (width 32, MLP 128) plus the 10-class head; timm's fused qkv is three
+    # 32 x 32 projections, one HTA block each (the paper's q, k, v)
+    per_block = 3 * _hta_params(32, 32) + _hta_params(32, 32) + _hta_params(32, 128) + _hta_params(128, 32)
     assert m["trainable_params"] == 2 * per_block + (32 * 10 + 10)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "HTA" and config["modules_to_save"] == ["head"]
