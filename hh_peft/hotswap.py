@@ -29,7 +29,8 @@ from .layer import HouseholderLayer
 from .loading import SAVED_PREFIX
 
 # Config fields that change the output beyond what the saved tensors hold.
-CONFIG_FIELDS_TO_MATCH = ("householder", "eps", "dropout", "fan_in_fan_out")
+# block_layout: two adapters of the same shapes may place their blocks differently (adapted_blocks [0, 2] vs [1, 2]).
+CONFIG_FIELDS_TO_MATCH = ("householder", "eps", "dropout", "fan_in_fan_out", "rectangular", "block_layout")
 
 
 def hotswap_adapter(

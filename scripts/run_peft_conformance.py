@@ -37,6 +37,10 @@ HTA_TEST_CASES = '''
     ("Conv2d 2 HTA", "Conv2d", HouseholderConfig, {"target_modules": ["conv2d", "lin0"]}),
     ("Conv2d 3 HTA 1x1", "Conv2d1x1", HouseholderConfig, {"target_modules": ["conv2d"]}),
     ("Conv2d 4 HTA 1x1 paper form", "Conv2d1x1", HouseholderConfig, {"target_modules": ["conv2d"], "householder": "paper"}),
+    ("Vanilla MLP 9 HTA output blocks", "MLP", HouseholderConfig, {"target_modules": ["lin0"], "output_blocks": 2}),
+    ("Vanilla MLP 10 HTA square blocks", "MLP", HouseholderConfig, {"target_modules": ["lin0", "lin1"], "rectangular": "square_blocks"}),
+    ("Vanilla MLP 11 HTA adapted blocks paper form", "MLP", HouseholderConfig, {"target_modules": ["lin0"], "output_blocks": 2, "adapted_blocks": {"lin0": [1]}, "householder": "paper"}),
+    ("Vanilla MLP 12 HTA input blocks rank 2", "MLP", HouseholderConfig, {"target_modules": ["lin1"], "input_blocks": 2, "lora_rank": 2}),
 '''
 
 HTA_MULTIPLE_ACTIVE_CASES = '''
@@ -53,6 +57,20 @@ HTA_MULTIPLE_ACTIVE_CASES = '''
         HouseholderConfig,
         {"target_modules": ["lin0"], "init_weights": False},
         {"target_modules": ["lin1"], "init_weights": False},
+    ),
+    (
+        "HTA blocks Same",
+        "hta",
+        HouseholderConfig,
+        {"target_modules": ["lin0"], "init_weights": False, "output_blocks": 2},
+        {"target_modules": ["lin0"], "init_weights": False, "output_blocks": 2},
+    ),
+    (
+        "HTA blocks Mixed layouts",
+        "hta",
+        HouseholderConfig,
+        {"target_modules": ["lin0"], "init_weights": False, "output_blocks": 2},
+        {"target_modules": ["lin0"], "init_weights": False},
     ),
 '''
 

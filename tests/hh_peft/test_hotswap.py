@@ -127,3 +127,14 @@ def test_transformers_model_with_load_adapter_is_hot_swapped_too(tmp_path, close
     with torch.no_grad():
         # load_adapter's tensors sit in the file's buffer, PeftModel's are copied: another summation order
         close_across_load_paths(model(pixel_values=x).logits, reference.eval()(pixel_values=x).logits)
+
+
+def test_adapters_of_the_same_shapes_but_other_blocks_are_not_swapped(tmp_path):
+    """Blocks [0, 1] and [1, 2] of layer 0 cut into four 4-row blocks hold tensors of the same shapes: swapping
+    the values would move the update to other rows silently, so the block layout must match."""
+    layout = dict(output_blocks={"0": 4})
+    first = save_adapter(tmp_path / "first", 1, adapted_blocks={"0": [0, 1]}, **layout)
+    second = save_adapter(tmp_path / "second", 2, adapted_blocks={"0": [1, 2]}, **layout)
+    model = PeftModel.from_pretrained(mlp(), first)
+    with pytest.raises(ValueError, match=r"block_layout: .* loaded, .* new"):
+        hh_peft.hotswap_adapter(model, str(second))
