@@ -10,7 +10,8 @@ Two tracks (``--track``); everything below holds for both unless said:
   package (loaded by key order; every shape is checked), a new 10-class ``classifier`` trained by every method;
 * data: 1,000 Fashion-MNIST training images (stratified, a fixed split: 800 train / 200 validation), the full
   10,000-image test set held out; 28x28 grey images resized to ``--image-size`` and repeated to 3 channels;
-* every method trains the same epochs with AdamW and a cosine schedule (10 % warm-up), batch 32; BatchNorm
+* every method trains the same epochs with AdamW and a cosine schedule (10 % warm-up), batch 32, through the recipes'
+  training loop (``recipes.common.training.train``, the one the fine-tuning recipe uses); BatchNorm
   statistics stay frozen (eval mode) for every method, so the methods differ only in what they train;
 * the learning rate of each method is chosen on validation accuracy averaged over all seeds, from ``--lrs``;
   when the best one is the top of the grid, the grid goes on upward in half-decades (1e-2 -> 3e-2 -> 1e-1 -> 3e-1), at
@@ -213,45 +214,61 @@ def accuracy(model, data, batch_size: int = 256) -> float:
     return correct / len(y)
 
 
+class Diverged(RuntimeError):
+    """A training loss that is not finite: the run stops there and has no validation accuracy."""
+
+
 def train_one(method: str, lr: float, seed: int, args, data) -> dict:
-    """Train ``method`` at ``lr`` with ``seed``; validation accuracy, and test accuracy when ``args.test``."""
+    """Train ``method`` at ``lr`` with ``seed`` through the recipes' one loop (``recipes.common.training.train``:
+    accelerate on the CPU, AdamW, cosine schedule with 10 % warm-up, the data order seeded by ``seed``); validation
+    accuracy, and test accuracy when ``args.test``."""
+    import tempfile
+
     import torch
     import torch.nn.functional as F
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
     from transformers import get_cosine_schedule_with_warmup
 
-    train, val, test = data
+    from recipes.common.training import train
+
+    train_data, val, test = data
     model, trainable = build_model(method, seed, args)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train[1]) / args.batch_size)
-    total = args.max_steps or steps_per_epoch * args.epochs
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.1 * total), total)
-    generator = torch.Generator().manual_seed(seed)
-    step, losses, step_times, diverged = 0, [], [], False
-    while step < total and not diverged:
-        order = torch.randperm(len(train[1]), generator=generator)
-        for i in range(0, len(order), args.batch_size):
-            if step >= total:
-                break
-            index = order[i : i + args.batch_size]
-            model.train()
-            _freeze_batchnorm(model)
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(train[0][index]), train[1][index])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step_times.append(time.perf_counter() - t0)
-            step += 1
-            if not math.isfinite(loss.item()):
-                diverged = True
-                break
-            losses.append(loss.item())
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                                   data_seed=seed))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train_data), batch_size=args.batch_size,
+                                         shuffle=True, generator=torch.Generator().manual_seed(seed))
+    steps_per_epoch = len(loader)
+
+    def make_scheduler(optimizer, total_steps: int, num_processes: int):
+        return get_cosine_schedule_with_warmup(optimizer, int(0.1 * total_steps) * num_processes,
+                                               total_steps * num_processes)
+
+    def loss_fn(model, batch):
+        _freeze_batchnorm(model)  # every method trains with the backbone's BatchNorm statistics frozen
+        images, labels = batch
+        loss = F.cross_entropy(model(images), labels)
+        if not math.isfinite(loss.item()):
+            raise Diverged(f"{method} lr={lr:g} seed={seed}: training loss {loss.item()}")
+        return loss
+
+    diverged = False
+    with tempfile.TemporaryDirectory() as scratch:  # train() writes checkpoints only when asked; none are
+        try:
+            result = train(accelerator, model, optimizer, loader, loss_fn, output_dir=scratch,
+                           max_train_steps=args.max_steps, epochs=args.epochs, make_scheduler=make_scheduler,
+                           desc=method, quiet=True)
+            model, state = accelerator.unwrap_model(result.model), result.state
+        except Diverged:
+            diverged = True
+    losses = [] if diverged else state.history["loss"]
+    steps = len(losses)
     result = {
-        "method": method, "lr": lr, "seed": seed, "steps": step, "trainable_params": trainable,
+        "method": method, "lr": lr, "seed": seed, "steps": steps, "trainable_params": trainable,
         "diverged": diverged, "final_train_loss": statistics.fmean(losses[-steps_per_epoch:]) if losses else None,
-        "ms_per_step": 1e3 * statistics.median(step_times[1:] or step_times),
+        "ms_per_step": 1e3 * state.train_time_s / steps if steps else math.nan,
     }
     result["test_accuracy"] = None  # read later, only at the learning rate chosen on validation
     if diverged:

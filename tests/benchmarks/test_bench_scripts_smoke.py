@@ -83,6 +83,7 @@ def test_bench_adapter_accuracy_chooses_lr_on_validation_and_resumes(tmp_path):
     run_script("bench_adapter_accuracy.py", *args)
     result = json.loads(out.with_suffix(".json").read_text())
     assert len(result["runs"]) == 2 * 2 * 2
+    assert all(r["steps"] == 2 and r["ms_per_step"] > 0 for r in result["runs"])  # --max-steps reached the one loop
     for row in result["summary"]:
         mine = [r for r in result["runs"] if r["method"] == row["method"]]
         val_mean = {lr: sum(r["val_accuracy"] or 0.0 for r in mine if r["lr"] == lr) / 2 for lr in (1e-3, 1e-2)}
